@@ -1,0 +1,145 @@
+"""GQA attention with RoPE and a pluggable kernel backend.
+
+Legend: B batch, S sequence, d model width, Hq/Hkv query/kv heads, D head dim.
+Every backend has the signature of `moetrain.kernels.sparse_attention`:
+fn(q_BHSD, k_BHSD, v_BHSD, *, causal, window, sink_tokens, block_size,
+moba_topk, cu_seqlens, scale) -> o_BHSD.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moetrain.config import AttentionConfig, ModelConfig, head_dim
+from moetrain.model.norm import RMSNorm
+from moetrain.model.rope import apply_rotary
+
+_BACKENDS: dict[str, Callable] = {}
+# Dense masks cost S*S; beyond this the CPU path switches to the chunked kernel.
+_SDPA_MASK_MAX_SEQ = 4096
+
+
+def register_backend(name: str):
+    def deco(fn):
+        _BACKENDS[name] = fn
+        return fn
+    return deco
+
+
+def get_backend(name: str) -> Callable:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}'; choose one of {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[name]
+
+
+def _is_sparse(window, sink_tokens, moba_topk) -> bool:
+    return window is not None or moba_topk is not None
+
+
+def _doc_causal_mask(cu_seqlens: torch.Tensor, S: int, device) -> torch.Tensor:
+    """[S, S] bool, True = visible: causal and inside the same packed document."""
+    doc = torch.zeros(S, dtype=torch.long, device=device)
+    doc[cu_seqlens[1:-1].long()] = 1
+    doc = doc.cumsum(0)
+    pos = torch.arange(S, device=device)
+    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+@register_backend("sdpa")
+def sdpa_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, block_size=64,
+                   moba_topk=None, cu_seqlens=None, scale=None):
+    if _is_sparse(window, sink_tokens, moba_topk):
+        raise ValueError("the sdpa backend only does full attention; use model.attention.backend=auto for "
+                         "sliding/moba layers")
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if cu_seqlens is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    if not causal:
+        raise ValueError("document masking with the sdpa backend is causal only")
+    mask = _doc_causal_mask(cu_seqlens, q.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@register_backend("reference")
+def reference_attention(q, k, v, **kw):
+    from moetrain.kernels.reference import sparse_attention
+    return sparse_attention(q, k, v, **kw)
+
+
+@register_backend("triton")
+def triton_attention(q, k, v, **kw):
+    from moetrain.kernels.triton import sparse_attention
+    return sparse_attention(q, k, v, **kw)
+
+
+@register_backend("chunked")
+def chunked_attention(q, k, v, **kw):
+    from moetrain.kernels.chunked import sparse_attention
+    return sparse_attention(q, k, v, **kw)
+
+
+@register_backend("auto")
+def auto_attention(q, k, v, **kw):
+    """Triton on CUDA; on CPU torch SDPA for full attention on short sequences,
+    else the memory-lean chunked kernel (never an S x S matrix)."""
+    if q.is_cuda:
+        return triton_attention(q, k, v, **kw)
+    sparse = _is_sparse(kw.get("window"), kw.get("sink_tokens", 0), kw.get("moba_topk"))
+    if not sparse and (kw.get("cu_seqlens") is None or q.shape[2] <= _SDPA_MASK_MAX_SEQ):
+        return sdpa_attention(q, k, v, **kw)
+    return chunked_attention(q, k, v, **kw)
+
+
+def layer_kind(attn: AttentionConfig, layer_idx: int, n_layers: int) -> str:
+    if layer_idx >= n_layers - attn.full_attention_last_n:
+        return "full"
+    return attn.layer_types[layer_idx % len(attn.layer_types)]
+
+
+def kernel_kwargs(attn: AttentionConfig, kind: str) -> dict:
+    """Kernel keyword arguments for one layer kind."""
+    if kind == "full":
+        return dict(window=None, sink_tokens=0, moba_topk=None, block_size=attn.block_size)
+    if kind == "sliding":
+        return dict(window=attn.window, sink_tokens=attn.sink_tokens, moba_topk=None, block_size=attn.block_size)
+    return dict(window=None, sink_tokens=attn.sink_tokens, moba_topk=attn.moba_topk, block_size=attn.block_size)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_layers = layer_idx, cfg.n_layers
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, head_dim(cfg)
+        d, D = cfg.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(d, self.n_heads * D, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * D, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * D, d, bias=False)
+        self.q_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(D, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.set_pattern(cfg.attention)
+
+    def set_pattern(self, attn: AttentionConfig) -> None:
+        """Choose backend and sparsity for this layer (stages may change it)."""
+        self.kind = layer_kind(attn, self.layer_idx, self.n_layers)
+        self.backend = attn.backend
+        self.kernel_kwargs = kernel_kwargs(attn, self.kind)
+        self.doc_masking = attn.doc_masking
+
+    def forward(self, x_BSd, cos, sin, cu_seqlens: Optional[torch.Tensor] = None):
+        B, S, _ = x_BSd.shape
+        q = self.q_proj(x_BSd).view(B, S, self.n_heads, self.head_dim)
+        k = self.k_proj(x_BSd).view(B, S, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x_BSd).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        fn = get_backend(self.backend)
+        o = fn(q, k, v, causal=True, cu_seqlens=cu_seqlens if self.doc_masking else None, **self.kernel_kwargs)
+        return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

@@ -1,0 +1,137 @@
+"""Decoder-only MoE Transformer: embeddings, pre-norm blocks, chunked LM loss.
+
+Legend: B batch, S sequence, d width, V vocab, T = B*S tokens.
+Plain PyTorch: parallelism and DeepSpeed wrap this model from outside.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from moetrain.config import AttentionConfig, ModelConfig, RopeConfig, head_dim
+from moetrain.model.attention import Attention
+from moetrain.model.loss import chunked_cross_entropy
+from moetrain.model.moe import MoE, SwiGLU
+from moetrain.model.norm import RMSNorm
+from moetrain.model.rope import RotaryEmbedding
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[torch.Tensor]      # lm_loss + weighted aux losses
+    lm_loss: Optional[torch.Tensor]
+    aux_loss: torch.Tensor
+    logits: Optional[torch.Tensor]    # None when the loss was computed chunked
+    moe_stats: list = field(default_factory=list)  # per MoE layer: detached router stats
+
+
+def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
+    return cfg.moe.n_experts > 0 and layer_idx >= cfg.moe.first_k_dense
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer_idx)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = is_moe_layer(cfg, layer_idx)
+        self.mlp = MoE(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cu_seqlens):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens)
+        h = self.mlp_norm(x)
+        if self.is_moe:
+            y, aux = self.mlp(h)
+        else:
+            y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
+        return x + y, aux
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_position_embeddings: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.max_position_embeddings = cfg.max_position_embeddings or max_position_embeddings or 2048
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rotary = RotaryEmbedding(cfg.rope, head_dim(cfg), self.max_position_embeddings)
+        self.activation_checkpointing = cfg.activation_checkpointing
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs (GPT-2)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                continue  # norm weights stay at 1
+            last = name.split(".")[-1]
+            is_out = "o_proj" in name or "down_proj" in name or last.startswith("down_")
+            nn.init.normal_(p, 0.0, out_std if is_out else std)
+
+    def set_rope(self, rope: RopeConfig, max_position_embeddings: int) -> None:
+        """Stage transition: swap the RoPE strategy in place (no parameters change)."""
+        self.max_position_embeddings = max_position_embeddings
+        self.rotary.set_rope(rope, max_position_embeddings)
+
+    def set_attention(self, attn: AttentionConfig) -> None:
+        for layer in self.layers:
+            layer.attn.set_pattern(attn)
+
+    def hidden_states(self, input_ids, position_ids=None, cu_seqlens=None):
+        B, S = input_ids.shape
+        if cu_seqlens is not None and B != 1:
+            raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got batch {B}")
+        if position_ids is None:
+            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        x = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids, dtype=x.dtype)
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training:
+                x, a = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
+            else:
+                x, a = layer(x, cos, sin, cu_seqlens)
+            aux = aux + a
+        return self.norm(x), aux
+
+    def forward(self, input_ids, labels=None, position_ids=None, cu_seqlens=None) -> ModelOutput:
+        """labels are already aligned (labels[t] is the target of position t; -100 ignored)."""
+        h, aux = self.hidden_states(input_ids, position_ids, cu_seqlens)
+        stats = [l.mlp.last_stats for l in self.layers if l.is_moe]
+        if labels is None:
+            return ModelOutput(None, None, aux, self.lm_head(h), stats)
+        lm = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1),
+                                   self.cfg.loss_chunk_size)
+        return ModelOutput(lm + aux.to(lm.dtype), lm, aux, None, stats)
+
+    # ------------------------------------------------------------------ accounting
+    def param_counts(self) -> dict:
+        """Total and active (per-token) parameter counts, embeddings included."""
+        total = sum(p.numel() for p in self.parameters())
+        active = total
+        m = self.cfg.moe
+        for layer in self.layers:
+            if layer.is_moe:
+                ex = sum(p.numel() for p in layer.mlp.experts.parameters())
+                active -= ex - ex * m.top_k // m.n_experts
+        return {"total": total, "active": active}
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs/token: 6 x active non-embedding params (+ LM head) plus
+        causal attention 6 * L * S * Hq * D (PaLM appendix B, halved for causality)."""
+        c = self.param_counts()
+        active = c["active"] - self.embed.weight.numel()
+        attn = 6 * self.cfg.n_layers * seq_len * self.cfg.n_heads * head_dim(self.cfg)
+        return 6 * active + attn

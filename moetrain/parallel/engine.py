@@ -1,0 +1,121 @@
+"""Process-group setup and the DeepSpeed engine, derived from our config.
+
+Works under `deepspeed`, `torchrun`, `accelerate launch` (they all export
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*) and plain `python` (one process: we fill
+in the rendezvous variables ourselves).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import torch
+
+from moetrain.config import TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed; returns (rank, world, local_rank)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if local_rank is not None and local_rank >= 0:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def device_for(local_rank: int) -> torch.device:
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def derive_deepspeed_config(cfg: TrainConfig, dp_world: int, micro_batch_size: int | None = None,
+                            grad_accum_steps: int | None = None) -> dict:
+    """The DeepSpeed JSON, derived from our config; `deepspeed.extra` merged last."""
+    d, t = cfg.deepspeed, cfg.train
+    mbs = micro_batch_size or t.micro_batch_size
+    ga = grad_accum_steps or t.grad_accum_steps
+    zero = {
+        "stage": d.zero_stage,
+        "overlap_comm": d.overlap_comm and d.zero_stage > 0,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": d.reduce_bucket_size,
+        "allgather_bucket_size": d.reduce_bucket_size,
+    }
+    if d.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=d.stage3_prefetch_bucket_size,
+                    stage3_param_persistence_threshold=10_000,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if d.offload_param != "none":
+        zero["offload_param"] = {"device": d.offload_param, "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_micro_batch_size_per_gpu": mbs,
+        "gradient_accumulation_steps": ga,
+        "train_batch_size": mbs * ga * dp_world,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": False},
+        # Our optimizer is built from the config (AdamW param groups / Muon).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(ds, d.extra)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with decay on matrices only (norms, embeddings excluded)."""
+    o = cfg.optim
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if o.name == "muon":
+        from moetrain.train.muon import Muon  # noqa: WPS433 (optional optimizer)
+        return Muon(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=False, foreach=False)
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world: int, micro_batch_size: int,
+                 grad_accum_steps: int):
+    import deepspeed
+
+    optimizer = build_optimizer(model, cfg)
+    ds_config = derive_deepspeed_config(cfg, dp_world, micro_batch_size, grad_accum_steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def set_engine_batch(engine, micro_batch_size: int, grad_accum_steps: int, dp_world: int) -> None:
+    """Stage transition: change micro-batch and accumulation in place."""
+    if hasattr(engine, "set_train_micro_batch_size"):
+        engine.set_train_micro_batch_size(micro_batch_size)
+    engine.set_train_batch_size(micro_batch_size * grad_accum_steps * dp_world)

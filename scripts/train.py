@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Train an MoE Transformer: `deepspeed scripts/train.py --config configs/default.yaml`.
+
+Also runs under torchrun, accelerate launch, and plain python (one process).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted override, repeatable, e.g. --set train.max_steps=20")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<config name>)")
+    p.add_argument("--resume", default="auto", help="auto (newest complete checkpoint) | never | PATH")
+    p.add_argument("--overwrite", action="store_true", help="with --resume never: discard existing checkpoints")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print parameter counts, memory estimate and the DeepSpeed config, then exit")
+    p.add_argument("--world-size", type=int, default=None, help="with --dry-run: GPUs to plan for")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from moetrain.config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.set)
+        if args.dry_run:
+            from moetrain.train.dryrun import dry_run
+            dry_run(cfg, args.world_size)
+            return 0
+        from moetrain.train.loop import train
+        run_dir = args.run_dir or os.path.join("runs", cfg.name)
+        train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, local_rank=args.local_rank)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

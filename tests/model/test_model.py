@@ -1,0 +1,145 @@
+import copy
+
+import pytest
+import torch
+
+from moetrain.config import ModelConfig, config_from_dict
+from moetrain.model import build_model
+from moetrain.model.loss import chunked_cross_entropy, plain_cross_entropy
+from moetrain.model.moe import (MoE, SwiGLU, experts_grouped, experts_loop, load_balancing_loss)
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=48,
+                max_position_embeddings=64, moe=dict(n_experts=4, top_k=2, intermediate_size=24))
+    for k, v in kw.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            base[k] = {**base[k], **v}
+        else:
+            base[k] = v
+    return config_from_dict({"model": base}).model
+
+
+def test_one_expert_top1_equals_dense_swiglu():
+    torch.manual_seed(0)
+    cfg = tiny(moe=dict(n_experts=1, top_k=1, intermediate_size=48))
+    moe, dense = MoE(cfg), SwiGLU(32, 48)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        dense.gate_proj.weight.copy_(moe.experts.gate_EFd[0])
+        dense.up_proj.weight.copy_(moe.experts.up_EFd[0])
+        dense.down_proj.weight.copy_(moe.experts.down_EdF[0])
+    x = torch.randn(3, 7, 32)
+    y, _ = moe(x)
+    torch.testing.assert_close(y, dense(x), rtol=1e-6, atol=1e-6)
+
+
+def test_aux_loss_minimum_under_uniform_routing():
+    T, E, K = 64, 8, 2
+    probs = torch.full((T, E), 1.0 / E)
+    experts = torch.arange(T * K).reshape(T, K) % E  # every expert gets the same number of slots
+    assert load_balancing_loss(probs, experts).item() == pytest.approx(1.0, abs=1e-6)
+    skewed = torch.zeros(T, K, dtype=torch.long)
+    skewed[:, 1] = 1
+    p2 = torch.zeros(T, E)
+    p2[:, :2] = 0.5
+    assert load_balancing_loss(p2, skewed).item() > 1.0 + 1.0
+
+
+def test_topk_weights_sum_to_one_when_normalised():
+    torch.manual_seed(0)
+    cfg = tiny(moe=dict(n_experts=6, top_k=3))
+    moe = MoE(cfg)
+    r = moe.router(torch.randn(50, 32))
+    torch.testing.assert_close(r.weights_TK.sum(-1), torch.ones(50))
+    assert (r.experts_TK < 6).all() and r.experts_TK.shape == (50, 3)
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 4, 1), (37, 5, 2), (130, 8, 3)])
+def test_grouped_equals_loop_reference(T, E, K):
+    torch.manual_seed(T)
+    moe = MoE(tiny(moe=dict(n_experts=E, top_k=K)))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(T, 32, requires_grad=True)
+    outs = []
+    for fn in (experts_loop, experts_grouped):
+        moe.zero_grad()
+        x.grad = None
+        r = moe.router(x)
+        y = fn(moe.experts, x, r.weights_TK, r.experts_TK)
+        (y * torch.linspace(-1, 1, 32)).sum().backward()
+        outs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in moe.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(outs[0][2], outs[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 4), (100, 7), (257, 64), (64, 1024)])
+def test_chunked_loss_equals_plain(T, chunk):
+    torch.manual_seed(T)
+    h = torch.randn(T, 24, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(101, 24, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 101, (T,))
+    labels[::5] = -100
+    labels[0] = 3
+    a = chunked_cross_entropy(h, w, labels, chunk)
+    ga = torch.autograd.grad(2.5 * a, (h, w))
+    b = plain_cross_entropy(h, w, labels)
+    gb = torch.autograd.grad(2.5 * b, (h, w))
+    assert abs(a.item() - b.item()) <= 1e-6 * max(1.0, abs(b.item()))
+    for x, y in zip(ga, gb):  # 1e-6 relative to the gradient's scale (fp32 eps is 1.2e-7)
+        assert (x - y).abs().max().item() <= 1e-6 * max(1.0, y.abs().max().item())
+
+
+def test_model_never_materialises_logits_when_training():
+    torch.manual_seed(0)
+    model = build_model(tiny())
+    ids = torch.randint(0, 97, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.logits is None and out.loss.requires_grad
+    assert torch.allclose(out.loss, out.lm_loss + out.aux_loss)
+    # The same loss from materialised logits.
+    logits = model(ids).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids.reshape(-1))
+    assert abs(ref.item() - out.lm_loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "auto"])
+def test_packed_documents_equal_separate_forwards(backend):
+    """cu_seqlens + per-document positions == running each document alone."""
+    torch.manual_seed(0)
+    model = build_model(tiny(attention=dict(backend=backend))).eval()
+    lens = [5, 11, 8]
+    docs = [torch.randint(0, 97, (1, n)) for n in lens]
+    packed = torch.cat(docs, dim=1)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    cu = torch.tensor([0, 5, 16, 24], dtype=torch.int32)
+    with torch.no_grad():
+        together = model(packed, position_ids=pos, cu_seqlens=cu).logits
+        alone = torch.cat([model(d).logits for d in docs], dim=1)
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    a = build_model(tiny())
+    b = copy.deepcopy(a)
+    b.activation_checkpointing = True
+    ids = torch.randint(0, 97, (2, 12))
+    for m in (a, b):
+        m.train()
+        m(ids, labels=ids).loss.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_dense_layers_and_param_counts():
+    cfg = tiny(n_layers=3, moe=dict(first_k_dense=1))
+    m = build_model(cfg)
+    assert [layer.is_moe for layer in m.layers] == [False, True, True]
+    c = m.param_counts()
+    expert = sum(p.numel() for layer in m.layers[1:] for p in layer.mlp.experts.parameters())
+    assert c["total"] - c["active"] == expert // 2  # top-2 of 4 experts active
