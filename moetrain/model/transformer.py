@@ -54,6 +54,22 @@ class Block(nn.Module):
         return x + y, aux
 
 
+class LMHead(nn.Module):
+    """Output projection. Given labels it returns the chunked cross-entropy instead
+    of logits; the weight is only touched inside this module's forward, as ZeRO-3
+    (which gathers parameters per module call) requires."""
+
+    def __init__(self, d: int, vocab_size: int, chunk: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, d))
+        self.chunk = chunk
+
+    def forward(self, h_Td, labels_T=None):
+        if labels_T is None:
+            return F.linear(h_Td, self.weight)
+        return chunked_cross_entropy(h_Td, self.weight, labels_T, self.chunk)
+
+
 class MoETransformer(nn.Module):
     def __init__(self, cfg: ModelConfig, max_position_embeddings: Optional[int] = None):
         super().__init__()
@@ -62,7 +78,7 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.loss_chunk_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(cfg.rope, head_dim(cfg), self.max_position_embeddings)
@@ -112,8 +128,7 @@ class MoETransformer(nn.Module):
         stats = [l.mlp.last_stats for l in self.layers if l.is_moe]
         if labels is None:
             return ModelOutput(None, None, aux, self.lm_head(h), stats)
-        lm = chunked_cross_entropy(h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.reshape(-1),
-                                   self.cfg.loss_chunk_size)
+        lm = self.lm_head(h.reshape(-1, h.shape[-1]), labels.reshape(-1))
         return ModelOutput(lm + aux.to(lm.dtype), lm, aux, None, stats)
 
     # ------------------------------------------------------------------ accounting

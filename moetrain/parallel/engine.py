@@ -89,28 +89,56 @@ def derive_deepspeed_config(cfg: TrainConfig, dp_world: int, micro_batch_size: i
     return _deep_merge(ds, d.extra)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with decay on matrices only (norms, embeddings excluded)."""
-    o = cfg.optim
+def _is_matrix_for_muon(name: str, p: torch.nn.Parameter) -> bool:
+    """Muon (Moonlight recipe) orthogonalises hidden 2-D weight matrices only;
+    embeddings, the LM head, norms and stacked expert tensors stay on AdamW."""
+    return p.dim() == 2 and "embed" not in name and "lm_head" not in name
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay on matrices only (norms, embeddings excluded)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "muon":
-        from moetrain.train.muon import Muon  # noqa: WPS433 (optional optimizer)
-        return Muon(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=False, foreach=False)
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The client AdamW handed to DeepSpeed (Muon is DeepSpeed's own, see below)."""
+    o = cfg.optim
+    return torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=False, foreach=False)
+
+
+def _muon_config(model: torch.nn.Module, cfg: TrainConfig) -> dict:
+    """DeepSpeed's ZeRO-aware MuonWithAuxAdam: tag every parameter, derive its JSON."""
+    for name, p in model.named_parameters():
+        p.use_muon = _is_matrix_for_muon(name, p)
+    o = cfg.optim
+    return {"type": "Muon", "params": {"lr": o.lr, "momentum": 0.95, "weight_decay": o.weight_decay,
+                                       "betas": list(o.betas), "eps": o.eps}}
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world: int, micro_batch_size: int,
                  grad_accum_steps: int):
     import deepspeed
 
-    optimizer = build_optimizer(model, cfg)
     ds_config = derive_deepspeed_config(cfg, dp_world, micro_batch_size, grad_accum_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if cfg.deepspeed.zero_stage == 3:
+        # An MoE layer touches its experts' stacked weights outside their own
+        # module's forward; make ZeRO-3 gather the whole MoE block at once.
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from moetrain.model.moe import MoE
+        set_z3_leaf_modules(model, [MoE])
+    if cfg.optim.name == "muon":
+        ds_config["optimizer"] = _muon_config(model, cfg)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(
+            model, cfg.optim.weight_decay), config=ds_config)
+    else:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
+                                               config=ds_config)
     return engine
 
 

@@ -266,7 +266,8 @@ def run_stage(engine, model, ctx: Context, state: TrainState, plan: StagePlan, l
             save_checkpoint(engine, ctx, state, loader)
     stage_done = state.step_in_stage >= plan.steps
     if stage_done or state.step >= ctx.total:
-        ev = {"step": state.step, "stage": plan.name, "event": "stage_end", "eval_loss": eval_loss(engine, ctx, plan)}
+        ev = {"step": state.step, "stage": plan.name, "event": "stage_end" if stage_done else "run_end",
+              "eval_loss": eval_loss(engine, ctx, plan)}
         state.history.append(ev)
         logger.event(ev)
     if stage_done and state.stage + 1 < len(ctx.plans):
