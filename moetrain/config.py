@@ -81,19 +81,51 @@ class MoEConfig:
     top_k: int = 2
     """Experts each token is routed to."""
     intermediate_size: Optional[int] = None
-    """Expert FFN width (fine-grained experts); None = model.intermediate_size."""
+    """Expert FFN width (fine-grained experts, moe_intermediate_size); None = model.intermediate_size."""
     first_k_dense: int = 0
     """The first k layers use a dense SwiGLU MLP instead of MoE."""
     router: str = "softmax"
-    """Router scoring function: softmax | sigmoid."""
+    """Router scoring function: softmax (Mixtral/Qwen) | sigmoid (DeepSeek-V3)."""
+    softmax_before_topk: bool = True
+    """softmax router: softmax over all experts then top-k (Mixtral/Qwen) or top-k logits then softmax over them."""
     norm_topk_prob: bool = True
     """Renormalise the chosen experts' weights to sum to 1."""
+    routed_scaling_factor: float = 1.0
+    """Multiplies the routed experts' combine weights (DeepSeek-V3: 2.5)."""
+    n_groups: int = 1
+    """Group-limited routing: experts split into this many groups (1 = off)."""
+    topk_groups: int = 1
+    """Group-limited routing: each token picks experts only from its best topk_groups groups."""
+    router_jitter: float = 0.0
+    """Training only: multiply router inputs by U(1-eps, 1+eps) noise (Switch/Mixtral jitter; 0 = off)."""
+    n_shared_experts: int = 0
+    """Always-on shared experts (DeepSeek/Qwen2-MoE), fused into one SwiGLU."""
+    shared_expert_intermediate_size: Optional[int] = None
+    """Shared SwiGLU width; None = n_shared_experts x the routed expert width."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(x . w) (Qwen2-MoE)."""
     aux_loss_coef: float = 0.01
-    """Weight of the Switch-style load-balancing loss."""
+    """Weight of the Switch/GShard load-balancing loss (0 = off)."""
+    aux_loss_scope: str = "micro_batch"
+    """micro_batch | global_batch: expert token fractions of the balancing loss from this rank's micro-batch,
+    or summed over all data-parallel ranks (counts all-reduced; router probabilities stay local)."""
+    seq_aux_loss_coef: float = 0.0
+    """Weight of the sequence-level balancing loss (DeepSeek-V3; balance inside each sequence row; 0 = off)."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss (logsumexp^2 of router logits)."""
+    bias_update_speed: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): per-expert routing bias moved by this much per optimizer step
+    towards uniform load, outside the gradient (0 = off; DeepSeek-V3 used 0.001)."""
+    capacity_factor: Optional[float] = None
+    """None = dropless; else each expert takes at most ceil(factor x tokens x top_k / n_experts) assignments
+    per micro-batch (per rank) and drops the rest (lowest router weight first)."""
+    experts_backend: str = "grouped"
+    """grouped (sorted tokens, torch._grouped_mm or a segment loop) | loop (per-expert reference)."""
+    permute_backend: str = "auto"
+    """Token permute/unpermute: auto (Triton on CUDA, PyTorch on CPU) | torch | triton."""
     ep_size: int = 1
-    """Expert-parallel size: experts are split over this many ranks."""
+    """Expert-parallel size: experts are split over this many ranks (rank r of an EP group holds experts
+    [r*E/ep, (r+1)*E/ep)); tokens move by all-to-all."""
 
 
 @dataclass
@@ -153,6 +185,8 @@ class DataConfig:
     """Upsampling factor for long documents."""
     synthetic: dict = field(default_factory=dict)
     """On-the-fly synthetic tasks mixed in, e.g. {passkey: 0.1} (fraction of sequences)."""
+    verify_shards: bool = True
+    """Check each shard's sha256 against manifest.json when a loader opens it (turn off for huge corpora)."""
 
 
 # --------------------------------------------------------------------------- training
@@ -273,6 +307,20 @@ class LoggingConfig:
 
 
 @dataclass
+class ExportConfig:
+    enabled: bool = False
+    """Export RUN_DIR/export/ (a Hugging Face folder) at the end of training."""
+    dtype: str = "fp32"
+    """fp32 | bf16 weights in the exported folder."""
+    shard_size: str = "5GB"
+    """Max size of one safetensors shard."""
+    verify: bool = True
+    """Reload with transformers and compare logits after exporting."""
+    allow_approx: bool = False
+    """Export the nearest servable form when no target architecture is exact."""
+
+
+@dataclass
 class TrainConfig:
     name: str = "default"
     """Config name; the run folder defaults to runs/<name>."""
@@ -294,6 +342,8 @@ class TrainConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console, metrics.jsonl and W&B."""
+    export: ExportConfig = field(default_factory=ExportConfig)
+    """Hugging Face export at the end of training."""
 
 
 # Element types of list fields holding dataclasses.
@@ -477,6 +527,7 @@ _CHOICES = {
     "deepspeed.offload_param": ("none", "cpu"),
     "logging.console": ("tqdm", "plain"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
+    "export.dtype": ("fp32", "bf16"),
 }
 ATTENTION_KINDS = ("full", "sliding", "moba")
 ROPE_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
@@ -521,6 +572,42 @@ def _validate_rope(r: RopeConfig, where: str, hd: int) -> None:
                   f"{where}.{name} needs head_dim/2 = {hd // 2} floats for longrope")
 
 
+_MOE_CHOICES = {"aux_loss_scope": ("micro_batch", "global_batch"), "experts_backend": ("grouped", "loop"),
+                "permute_backend": ("auto", "torch", "triton")}
+
+
+def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
+    e, w = cfg.model.moe, "model.moe"
+    _need(e.n_experts >= 0, f"{w}.n_experts={e.n_experts} must be >= 0")
+    _need(0 <= e.first_k_dense <= cfg.model.n_layers, f"{w}.first_k_dense={e.first_k_dense} exceeds model.n_layers")
+    if e.n_experts == 0:
+        return
+    for key, choices in _MOE_CHOICES.items():
+        _need(getattr(e, key) in choices, f"{w}.{key}='{getattr(e, key)}' is not one of {', '.join(choices)}")
+    _need(1 <= e.top_k <= e.n_experts, f"{w}.top_k={e.top_k} must be between 1 and {w}.n_experts={e.n_experts}")
+    _need(e.ep_size >= 1 and e.n_experts % e.ep_size == 0,
+          f"{w}.ep_size={e.ep_size} must divide {w}.n_experts={e.n_experts}")
+    # world_size=1 also means "not launched yet" (load_config); the EP setup re-checks the real world.
+    _need(world_size == 1 or world_size % e.ep_size == 0,
+          f"world size {world_size} is not divisible by {w}.ep_size={e.ep_size}")
+    _need(e.ep_size == 1 or cfg.deepspeed.zero_stage < 3,
+          f"{w}.ep_size={e.ep_size} needs deepspeed.zero_stage 0, 1 or 2 (DeepSpeed cannot partition expert-parallel "
+          "parameters with ZeRO-3); use zero_stage=2 or ep_size=1")
+    _need(e.n_groups >= 1 and e.n_experts % e.n_groups == 0,
+          f"{w}.n_groups={e.n_groups} must divide {w}.n_experts={e.n_experts}")
+    _need(1 <= e.topk_groups <= e.n_groups, f"{w}.topk_groups={e.topk_groups} must be between 1 and n_groups")
+    _need(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups),
+          f"{w}.top_k={e.top_k} exceeds the experts in topk_groups={e.topk_groups} groups; raise topk_groups")
+    _need(e.intermediate_size is None or e.intermediate_size > 0, f"{w}.intermediate_size must be positive")
+    _need(e.n_shared_experts >= 0, f"{w}.n_shared_experts={e.n_shared_experts} must be >= 0")
+    _need(e.routed_scaling_factor > 0, f"{w}.routed_scaling_factor must be positive")
+    _need(0 <= e.router_jitter < 1, f"{w}.router_jitter={e.router_jitter} must be in [0, 1)")
+    for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_speed"):
+        _need(getattr(e, key) >= 0, f"{w}.{key}={getattr(e, key)} must be >= 0")
+    _need(e.capacity_factor is None or e.capacity_factor > 0,
+          f"{w}.capacity_factor={e.capacity_factor} must be positive (or null for dropless)")
+
+
 def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     """Reject impossible settings with one clear line (raises ConfigError)."""
     for key, choices in _CHOICES.items():
@@ -536,14 +623,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
           f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (GQA groups)")
     _need(head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE")
     _need(m.loss_chunk_size > 0, f"model.loss_chunk_size={m.loss_chunk_size} must be positive")
-    e = m.moe
-    _need(e.n_experts >= 0, f"model.moe.n_experts={e.n_experts} must be >= 0")
-    if e.n_experts > 0:
-        _need(1 <= e.top_k <= e.n_experts,
-              f"model.moe.top_k={e.top_k} must be between 1 and model.moe.n_experts={e.n_experts}")
-        _need(e.ep_size >= 1 and e.n_experts % e.ep_size == 0,
-              f"model.moe.ep_size={e.ep_size} must divide model.moe.n_experts={e.n_experts}")
-    _need(0 <= e.first_k_dense <= m.n_layers, f"model.moe.first_k_dense={e.first_k_dense} exceeds model.n_layers")
+    _validate_moe(cfg, world_size)
     _validate_attention(m.attention, "model.attention")
     _validate_rope(m.rope, "model.rope", head_dim(m))
     _validate_stages(cfg)
@@ -560,8 +640,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={d.zero_stage} must be 0, 1, 2 or 3")
     _need(d.offload_param == "none" or d.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3")
     _need(d.offload_optimizer == "none" or d.zero_stage >= 1, "deepspeed.offload_optimizer needs zero_stage >= 1")
-    _need(world_size % e.ep_size == 0 or e.n_experts == 0,
-          f"world size {world_size} is not divisible by model.moe.ep_size={e.ep_size}")
     o = cfg.optim
     _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")

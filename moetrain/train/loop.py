@@ -295,6 +295,12 @@ def train(cfg: TrainConfig, run_dir: str, resume: str = "auto", overwrite: bool 
     try:
         while state.stage < len(ctx.plans) and state.step < ctx.total:
             run_stage(engine, model, ctx, state, ctx.plans[state.stage], logger, peak)
+        if cfg.export.enabled and ctx.rank == 0:
+            from moetrain.export import export_checkpoint
+            e = cfg.export
+            export_checkpoint(run_dir, os.path.join(run_dir, "export"), dtype=e.dtype, shard_size=e.shard_size,
+                              verify=e.verify, allow_approx=e.allow_approx)
+        _barrier()
     finally:
         logger.finish()
     return state

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from typing import Optional
@@ -73,7 +74,7 @@ class MetricsLogger:
             return
         import wandb
         w = cfg.logging.wandb
-        self.wandb_id = self.wandb_id or wandb.util.generate_id()
+        self.wandb_id = self.wandb_id or secrets.token_hex(4)  # not the global RNG: resume stays exact
         self.wandb = wandb.init(project=w.project, entity=w.entity, name=w.name or os.path.basename(run_dir),
                                 tags=list(w.tags), config=to_dict(cfg), dir=run_dir, id=self.wandb_id,
                                 resume="allow", mode=mode)
