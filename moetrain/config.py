@@ -307,6 +307,22 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Run the long-context evaluation at the end of every stage (writes RUN_DIR/eval/)."""
+    lengths: list = field(default_factory=list)
+    """Context lengths for passkey retrieval; empty = the stage's seq_len."""
+    depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Relative depths of the pass key in the context."""
+    passkey_trials: int = 100
+    """Passkey trials per (length, depth) cell."""
+    loss_documents: int = 4
+    """Held-out documents for the loss-by-position curve."""
+    position_buckets: int = 8
+    """Buckets of the loss-by-position curve."""
+
+
+@dataclass
 class ExportConfig:
     enabled: bool = False
     """Export RUN_DIR/export/ (a Hugging Face folder) at the end of training."""
@@ -342,6 +358,8 @@ class TrainConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console, metrics.jsonl and W&B."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Long-context evaluation at stage ends."""
     export: ExportConfig = field(default_factory=ExportConfig)
     """Hugging Face export at the end of training."""
 

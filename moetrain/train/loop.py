@@ -196,6 +196,25 @@ def eval_loss(engine, ctx: Context, plan: StagePlan) -> float:
     return float(vec[0]) / ctx.world
 
 
+def stage_end_eval(engine, ctx: Context, state: TrainState, plan: StagePlan, event: str, logger) -> dict:
+    """Held-out loss, then (eval.enabled) the long-context evaluation of
+    moetrain.eval. Every rank runs the same forwards (ZeRO-3 gathers
+    collectively); rank 0 writes RUN_DIR/eval/<stage>/."""
+    ev = {"step": state.step, "stage": plan.name, "event": event, "eval_loss": eval_loss(engine, ctx, plan)}
+    if ctx.cfg.eval.enabled:
+        from moetrain.eval import evaluate_stage
+
+        def forward(input_ids, position_ids=None):
+            with torch.no_grad():
+                return engine(input_ids.to(ctx.device), position_ids=position_ids).logits.float().cpu()
+
+        engine.eval()
+        ev.update(evaluate_stage(forward, ctx.cfg, plan, os.path.join(ctx.run_dir, "eval", plan.name),
+                                 write=ctx.rank == 0, wandb_run=logger.wandb))
+        engine.train()
+    return ev
+
+
 def save_checkpoint(engine, ctx: Context, state: TrainState, loader) -> str:
     client = {"step": state.step, "stage": state.stage, "step_in_stage": state.step_in_stage,
               "tokens": state.tokens, "wandb_id": state.wandb_id, "world_size": ctx.world,
@@ -266,8 +285,7 @@ def run_stage(engine, model, ctx: Context, state: TrainState, plan: StagePlan, l
             save_checkpoint(engine, ctx, state, loader)
     stage_done = state.step_in_stage >= plan.steps
     if stage_done or state.step >= ctx.total:
-        ev = {"step": state.step, "stage": plan.name, "event": "stage_end" if stage_done else "run_end",
-              "eval_loss": eval_loss(engine, ctx, plan)}
+        ev = stage_end_eval(engine, ctx, state, plan, "stage_end" if stage_done else "run_end", logger)
         state.history.append(ev)
         logger.event(ev)
     if stage_done and state.stage + 1 < len(ctx.plans):

@@ -41,7 +41,7 @@ def tiny_overrides(data_dir: str, steps: int = 20, **extra) -> list[str]:
         "train.micro_batch_size": 4, "train.eval_batches": 2,
         "optim.warmup_steps": 5, "optim.lr": 3e-3,
         "logging.every_steps": 1, "logging.console": "plain", "logging.wandb.mode": "disabled",
-        "checkpoint.every_steps": 10,
+        "checkpoint.every_steps": 10, "eval.enabled": "false",
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -136,3 +136,33 @@ def test_kill9_then_resume_is_bit_identical(tmp_path, tiny_data):
     assert sorted(resumed) == list(range(1, 31))
     for s in range(21, 31):
         assert resumed[s] == ref[s], (s, ref[s], resumed[s])  # bit for bit
+
+
+TWO_STAGES = "[{name: short, seq_len: 32, steps: 10}, {name: long, seq_len: 128, steps: 12, warmup_steps: 3, " \
+             "rope: {type: yarn, factor: 4.0}}]"
+
+
+def test_resume_inside_stage_two_is_exact(tiny_data, tmp_path):
+    """Stop at step 17 (5 steps into stage 2, checkpoint at 15), resume, compare."""
+    ov = tiny_overrides(tiny_data, **{"stages": TWO_STAGES, "checkpoint.every_steps": 5})
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train(load_config(DEFAULT, ov), full, resume="never")
+    # A crash after step 17: run to 17, then drop the final checkpoint it wrote.
+    train(load_config(DEFAULT, ov + ["train.max_steps=17"]), cut, resume="never")
+    import shutil
+    shutil.rmtree(os.path.join(cut, "checkpoints", "step_00000017"))
+    state = train(load_config(DEFAULT, ov), cut, resume="auto")
+    assert state.step == 22 and state.stage == 1
+    a, b = step_losses(full), step_losses(cut)
+    assert sorted(b) == list(range(1, 23))
+    for s in range(16, 23):
+        assert a[s] == b[s], (s, a[s], b[s])
+    recs = [r for r in read_metrics(full) if "event" not in r]
+    assert [r["stage"] for r in recs] == ["short"] * 10 + ["long"] * 12
+    assert recs[0]["seq_len"] == 32 and recs[-1]["seq_len"] == 128
+    # Tokens per step stay constant across stages (micro-batch 4 x 32 -> 1 x 128).
+    per_step = [b["tokens"] - a["tokens"] for a, b in zip(recs, recs[1:])]
+    assert all(0.9 * 128 < t <= 128 for t in per_step), per_step
+    # Stage 2 re-warms up over 3 steps to the peak LR, then decays.
+    lrs = [r["lr"] for r in recs[10:]]
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[2]
