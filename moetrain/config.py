@@ -178,7 +178,7 @@ class DataConfig:
     split: str = "train"
     """Which split of the prepared data to read: train | eval."""
     source_weights: dict = field(default_factory=dict)
-    """Per-source sampling weights (source name -> weight); empty = natural proportions."""
+    """Per-source sampling weights (source name -> weight, every source named); empty = natural proportions."""
     upsample_min_len: int = 0
     """Documents longer than this many tokens are upsampled (0 = off)."""
     upsample_factor: float = 1.0
@@ -311,15 +311,33 @@ class EvalConfig:
     enabled: bool = True
     """Run the long-context evaluation at the end of every stage (writes RUN_DIR/eval/)."""
     lengths: list = field(default_factory=list)
-    """Context lengths for passkey retrieval; empty = the stage's seq_len."""
+    """Context lengths for passkey retrieval and loss by position; empty = the stage's seq_len."""
     depths: list = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Relative depths of the pass key in the context."""
-    passkey_trials: int = 100
-    """Passkey trials per (length, depth) cell."""
+    passkey_trials: int = 20
+    """Passkey trials per (length, depth) cell; 20 keeps stage ends cheap, the full grid is 100
+    (eval.passkey_trials=100, or scripts/eval_long.py, which defaults to 100)."""
+    key_digits: int = 5
+    """Digits of the pass key."""
     loss_documents: int = 4
-    """Held-out documents for the loss-by-position curve."""
+    """Held-out windows (of each length) for the loss-by-position curve, cut round-robin from the
+    eval split's documents long enough."""
     position_buckets: int = 8
     """Buckets of the loss-by-position curve."""
+    batch_tokens: int = 8192
+    """Tokens per evaluation forward (batch = batch_tokens // length, at least 1)."""
+    seed: int = 0
+    """Seed of the passkey trials (fixed, so every stage and model sees the same prompts)."""
+
+    def __post_init__(self):
+        # Checked here, where the fields live, so a bad value fails at load time, not at a stage end.
+        for key in ("passkey_trials", "key_digits", "loss_documents", "position_buckets", "batch_tokens"):
+            if not (isinstance(getattr(self, key), int) and getattr(self, key) >= 1):
+                raise ConfigError(f"eval.{key}={getattr(self, key)!r} must be a positive integer")
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in self.lengths):
+            raise ConfigError(f"eval.lengths={self.lengths!r} must be positive integers (tokens)")
+        if not self.depths or not all(isinstance(d, (int, float)) and 0 <= d <= 1 for d in self.depths):
+            raise ConfigError(f"eval.depths={self.depths!r} must be a non-empty list of numbers in [0, 1]")
 
 
 @dataclass

@@ -17,7 +17,9 @@ from moetrain.config import ConfigError, TrainConfig, config_from_dict, dump_yam
 from moetrain.model import build_model
 from moetrain.parallel.engine import build_engine, device_for, init_distributed, set_engine_batch
 from moetrain.train import checkpoint as ckpt
-from moetrain.train.metrics import MetricsLogger, device_peak_flops, router_health
+from moetrain.model.moe import update_expert_bias
+from moetrain.train.metrics import (MetricsLogger, RouterMonitor, add_router_stats, device_peak_flops,
+                                    reduce_router_stats, router_counts)
 from moetrain.train.schedule import StagePlan, lr_at, plan_stages, total_steps
 
 
@@ -42,6 +44,7 @@ class Context:
     plans: list
     total: int
     start_time: float = field(default_factory=time.time)
+    router_monitor: RouterMonitor = field(default_factory=RouterMonitor)  # MoE router health window (issue 3)
 
 
 def _seed_everything(seed: int) -> None:
@@ -136,7 +139,8 @@ def enter_stage(model, engine, plan: StagePlan, world: int) -> None:
 def make_loader(ctx: Context, plan: StagePlan, split: str = "train"):
     from moetrain.data import TokenLoader
     return TokenLoader(plan.data, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
-                       dp_rank=ctx.rank, dp_world=ctx.world, seed=ctx.cfg.seed + 1000 * plan.index, split=split)
+                       dp_rank=ctx.rank, dp_world=ctx.world, seed=ctx.cfg.seed + 1000 * plan.index, split=split,
+                       doc_masking=plan.attention.doc_masking)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -146,7 +150,7 @@ def _to_device(batch: dict, device) -> dict:
 def train_step(engine, loader, plan: StagePlan, device) -> dict:
     """One optimizer step = grad_accum micro-batches; returns step sums."""
     sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "tokens": 0}
-    counts = None
+    router = None
     for _ in range(plan.grad_accum_steps):
         batch = _to_device(loader.next_batch(), device)
         out = engine(**batch)
@@ -156,11 +160,10 @@ def train_step(engine, loader, plan: StagePlan, device) -> dict:
         sums["lm_loss"] += float(out.lm_loss.detach())
         sums["aux_loss"] += float(out.aux_loss.detach())
         sums["tokens"] += int((batch["labels"] != -100).sum())
-        layer_counts = [s["counts"].detach().cpu() for s in out.moe_stats]
-        counts = layer_counts if counts is None else [a + b for a, b in zip(counts, layer_counts)]
+        router = add_router_stats(router, out.moe_stats)  # MoE router stats, summed (issue 3)
     for k in ("loss", "lm_loss", "aux_loss"):
         sums[k] /= plan.grad_accum_steps
-    sums["expert_counts"] = counts or []
+    sums["router"] = router or []
     return sums
 
 
@@ -173,10 +176,7 @@ def _reduce(sums: dict, world: int) -> dict:
     dist.all_reduce(vec)
     out = dict(sums, loss=float(vec[0]) / world, lm_loss=float(vec[1]) / world,
                aux_loss=float(vec[2]) / world, tokens=int(vec[3]))
-    if sums["expert_counts"]:
-        stacked = torch.stack(sums["expert_counts"]).to(torch.float64)
-        dist.all_reduce(stacked)
-        out["expert_counts"] = list(stacked.long())
+    out["router"] = reduce_router_stats(sums["router"])  # MoE router stats summed over ranks (issue 3)
     return out
 
 
@@ -256,7 +256,7 @@ def _log_record(ctx, state, plan, sums, lr, dt, engine, model, peak) -> dict:
            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "seq_len": plan.seq_len,
            "mfu": model.flops_per_token(plan.seq_len) * tps / (peak * ctx.world),
            "elapsed_s": time.time() - ctx.start_time}
-    rec.update(router_health(sums["expert_counts"]))
+    rec.update(ctx.router_monitor.flush())  # MoE router health over the logging window (issue 3)
     return rec
 
 
@@ -273,6 +273,8 @@ def run_stage(engine, model, ctx: Context, state: TrainState, plan: StagePlan, l
             group["lr"] = lr
         t0 = time.perf_counter()
         sums = _reduce(train_step(engine, loader, plan, ctx.device), ctx.world)
+        ctx.router_monitor.observe(sums["router"])  # MoE (issue 3): health window
+        update_expert_bias(model, router_counts(sums["router"]))  # MoE (issue 3): aux-loss-free balancing
         dt = time.perf_counter() - t0
         state.step += 1
         state.step_in_stage += 1
