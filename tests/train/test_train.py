@@ -166,3 +166,23 @@ def test_resume_inside_stage_two_is_exact(tiny_data, tmp_path):
     # Stage 2 re-warms up over 3 steps to the peak LR, then decays.
     lrs = [r["lr"] for r in recs[10:]]
     assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(3e-3) and lrs[-1] < lrs[2]
+
+
+def test_wandb_offline_run_id_survives_resume(tiny_data, tmp_path, monkeypatch):
+    """No API key: mode online falls back to offline; the resumed run reuses the W&B id."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a key
+    run = str(tmp_path / "run")
+    ov = tiny_overrides(tiny_data, steps=4, **{"logging.wandb.mode": "online", "checkpoint.every_steps": 2})
+    train(load_config(DEFAULT, ov + ["train.max_steps=2"]), run, resume="never")
+    first = ckpt_client(run)["wandb_id"]
+    train(load_config(DEFAULT, ov), run, resume="auto")
+    assert ckpt_client(run)["wandb_id"] == first and first
+    offline = [d for d in os.listdir(os.path.join(run, "wandb")) if d.startswith("offline-run-")]
+    assert offline and all(d.endswith(first) for d in offline), offline
+
+
+def ckpt_client(run):
+    from moetrain.train import checkpoint
+    return checkpoint.read_client_state(checkpoint.newest_complete(os.path.join(run, "checkpoints")))
