@@ -39,30 +39,22 @@ def _is_sparse(window, sink_tokens, moba_topk) -> bool:
     return window is not None or moba_topk is not None
 
 
-def _doc_causal_mask(cu_seqlens: torch.Tensor, S: int, device) -> torch.Tensor:
-    """[S, S] bool, True = visible: causal and inside the same packed document."""
-    doc = torch.zeros(S, dtype=torch.long, device=device)
-    doc[cu_seqlens[1:-1].long()] = 1
-    doc = doc.cumsum(0)
-    pos = torch.arange(S, device=device)
-    return (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
-
-
 @register_backend("sdpa")
 def sdpa_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, block_size=64,
                    moba_topk=None, cu_seqlens=None, scale=None):
-    if _is_sparse(window, sink_tokens, moba_topk):
-        raise ValueError("the sdpa backend only does full attention; use model.attention.backend=auto for "
-                         "sliding/moba layers")
-    if q.shape[1] != k.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if cu_seqlens is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    if not causal:
-        raise ValueError("document masking with the sdpa backend is causal only")
-    mask = _doc_causal_mask(cu_seqlens, q.shape[2], q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    """torch SDPA; sparse modes and document masking through the same dense
+    mask the reference uses (an S x S bool matrix: for short sequences)."""
+    gqa = q.shape[1] != k.shape[1]
+    if cu_seqlens is None and not _is_sparse(window, sink_tokens, moba_topk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+    from moetrain.kernels.sparse_attention.common import check_args, moba_select
+    from moetrain.kernels.sparse_attention.reference import dense_mask
+    spec = check_args(q, k, v, causal=causal, window=window, sink_tokens=sink_tokens, block_size=block_size,
+                      moba_topk=moba_topk, cu_seqlens=cu_seqlens, scale=scale)
+    with torch.no_grad():  # the MoBA selection is not differentiated
+        sel = moba_select(q, k, spec) if spec.moba else None
+        mask = dense_mask(spec, q.shape[2], sel, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
 
 
 @register_backend("reference")
@@ -85,12 +77,13 @@ def chunked_attention(q, k, v, **kw):
 
 @register_backend("auto")
 def auto_attention(q, k, v, **kw):
-    """Triton on CUDA; on CPU torch SDPA for full attention on short sequences,
-    else the memory-lean chunked kernel (never an S x S matrix)."""
+    """Triton on CUDA. On CPU: torch SDPA (dense mask when needed) up to
+    _SDPA_MASK_MAX_SEQ tokens, where it is several times faster than the chunked
+    kernel; beyond it the memory-lean chunked kernel (never an S x S matrix)."""
     if q.is_cuda:
         return triton_attention(q, k, v, **kw)
     sparse = _is_sparse(kw.get("window"), kw.get("sink_tokens", 0), kw.get("moba_topk"))
-    if not sparse and (kw.get("cu_seqlens") is None or q.shape[2] <= _SDPA_MASK_MAX_SEQ):
+    if q.shape[2] <= _SDPA_MASK_MAX_SEQ or (not sparse and kw.get("cu_seqlens") is None):
         return sdpa_attention(q, k, v, **kw)
     return chunked_attention(q, k, v, **kw)
 
