@@ -39,12 +39,36 @@ def _is_sparse(window, sink_tokens, moba_topk) -> bool:
     return window is not None or moba_topk is not None
 
 
+def _segments(cu: list[int]) -> list[tuple[int, int, list[int]]]:
+    """Group consecutive documents into segments no longer than the longest
+    document: (start, end, local cu_seqlens). Documents never attend to each
+    other, so attention per segment is exact and costs sum(len^2), not S^2."""
+    cap = max(b - a for a, b in zip(cu, cu[1:]))
+    segs, start, bounds = [], cu[0], [0]
+    for a, b in zip(cu, cu[1:]):
+        if b - start > cap and a > start:
+            segs.append((start, a, bounds))
+            start, bounds = a, [0]
+        bounds.append(b - start)
+    segs.append((start, cu[-1], bounds))
+    return segs
+
+
 @register_backend("sdpa")
 def sdpa_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, block_size=64,
                    moba_topk=None, cu_seqlens=None, scale=None):
     """torch SDPA; sparse modes and document masking through the same dense
     mask the reference uses (an S x S bool matrix: for short sequences)."""
     gqa = q.shape[1] != k.shape[1]
+    if cu_seqlens is not None and q.shape[0] == 1 and cu_seqlens.numel() > 2:
+        kw = dict(causal=causal, window=window, sink_tokens=sink_tokens, block_size=block_size,
+                  moba_topk=moba_topk, scale=scale)
+        segs = _segments(cu_seqlens.tolist())
+        if len(segs) > 1:
+            outs = [sdpa_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **kw,
+                                   cu_seqlens=torch.tensor(cu, dtype=torch.int32) if len(cu) > 2 else None)
+                    for a, b, cu in segs]
+            return torch.cat(outs, dim=2)
     if cu_seqlens is None and not _is_sparse(window, sink_tokens, moba_topk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     from moetrain.kernels.sparse_attention.common import check_args, moba_select
