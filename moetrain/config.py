@@ -158,6 +158,9 @@ class ModelConfig:
     """Tokens per chunk of the chunked LM-head + cross-entropy (never full logits)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
+    init_from: Optional[str] = None
+    """Warm start: a Hugging Face Mixtral/Qwen2-MoE/Qwen3-MoE folder or a moetrain run/checkpoint
+    whose weights initialise a fresh run (architecture must match; RoPE/attention may differ)."""
     moe: MoEConfig = field(default_factory=MoEConfig)
     """Mixture-of-Experts settings."""
     attention: AttentionConfig = field(default_factory=AttentionConfig)

@@ -84,8 +84,8 @@ def prepare_run_dir(cfg: TrainConfig, run_dir: str, resume: str, overwrite: bool
 def check_same_model(cfg: TrainConfig, ckpt_dir: str) -> None:
     saved = ckpt.read_client_state(ckpt_dir)["config"]["model"]
     now = to_dict(cfg.model)
-    diff = [k for k in now if k not in ("attention", "rope", "activation_checkpointing", "loss_chunk_size")
-            and now[k] != saved.get(k)]
+    diff = [k for k in now if k not in ("attention", "rope", "activation_checkpointing", "loss_chunk_size",
+                                        "init_from") and now[k] != saved.get(k)]
     if diff:
         raise ValueError(f"checkpoint {ckpt_dir} has a different model.{diff[0]} ({saved.get(diff[0])!r} vs "
                          f"{now[diff[0]]!r}); use the run's config.yaml or a new --run-dir")
@@ -304,6 +304,9 @@ def train(cfg: TrainConfig, run_dir: str, resume: str = "auto", overwrite: bool 
     cfg = ctx.cfg
     _seed_everything(cfg.seed)
     model = build_model(cfg.model)
+    if cfg.model.init_from and resume_from is None:
+        from moetrain.export import init_from
+        init_from(model, cfg.model.init_from)  # before build_engine shards experts
     if cfg.train.precision == "fp32":
         model = model.float()
     plan0 = ctx.plans[0]

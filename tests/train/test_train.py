@@ -7,7 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, tiny_overrides
+from train_helpers import ROOT, tiny_overrides
 
 from moetrain.config import load_config
 from moetrain.train.loop import train
