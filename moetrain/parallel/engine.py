@@ -13,6 +13,7 @@ import socket
 import torch
 
 from moetrain.config import TrainConfig
+from moetrain.parallel.expert_parallel import attach_expert_checkpointing, moe_param_groups, prepare_moe
 
 
 def _free_port() -> int:
@@ -101,7 +102,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.dim() < 2 or "embed" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return moe_param_groups(groups)  # MoE (issue 3): expert-parallel params in DeepSpeed MoE groups
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -124,6 +126,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world: int, micro_
                  grad_accum_steps: int):
     import deepspeed
 
+    ep_groups = prepare_moe(model, cfg)  # MoE (issue 3): shard experts over EP ranks, global-batch balancing
     ds_config = derive_deepspeed_config(cfg, dp_world, micro_batch_size, grad_accum_steps)
     if cfg.deepspeed.zero_stage == 3:
         # An MoE layer touches its experts' stacked weights outside their own
@@ -139,6 +142,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world: int, micro_
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                                config=ds_config)
+    attach_expert_checkpointing(engine, ep_groups)  # MoE (issue 3): each EP rank saves/loads its experts
     return engine
 
 
