@@ -133,14 +133,18 @@ class MoETransformer(nn.Module):
 
     # ------------------------------------------------------------------ accounting
     def param_counts(self) -> dict:
-        """Total and active (per-token) parameter counts, embeddings included."""
-        total = sum(p.numel() for p in self.parameters())
-        active = total
+        """Total and active (per-token) parameter counts of the whole model,
+        embeddings included; under expert parallelism the local expert slice
+        is scaled up to all experts."""
+        total = active = sum(p.numel() for p in self.parameters())
         m = self.cfg.moe
         for layer in self.layers:
             if layer.is_moe:
-                ex = sum(p.numel() for p in layer.mlp.experts.parameters())
-                active -= ex - ex * m.top_k // m.n_experts
+                ex = layer.mlp.experts
+                local = sum(p.numel() for p in ex.parameters())
+                full = local * ex.n_global // ex.n_local
+                total += full - local
+                active += full * m.top_k // m.n_experts - local
         return {"total": total, "active": active}
 
     def flops_per_token(self, seq_len: int) -> float:

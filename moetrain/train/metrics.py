@@ -85,7 +85,10 @@ class MetricsLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.wandb is not None:
+            import wandb
             flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
+            # Per-expert token shares: one histogram per layer and step.
+            flat.update({k: wandb.Histogram(v) for k, v in rec.items() if isinstance(v, list) and v})
             flat["stage"] = rec.get("stage")
             self.wandb.log(flat, step=rec["step"])
         self.console(rec)
