@@ -407,7 +407,7 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp, path: str) -> Any:
+def _coerce(value: Any, tp, path: str, noun: str = "config key") -> Any:
     base, optional = _unwrap_optional(tp)
     if value is None:
         if optional:
@@ -416,7 +416,7 @@ def _coerce(value: Any, tp, path: str) -> Any:
     if dataclasses.is_dataclass(base):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping of {base.__name__} fields, got {value!r}")
-        return _from_dict(base, value, path)
+        return _from_dict(base, value, path, noun)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -455,9 +455,14 @@ def _coerce(value: Any, tp, path: str) -> Any:
     return value
 
 
-def _from_dict(cls, data: dict, prefix: str = ""):
+def register_list_items(cls, name: str, item_cls) -> None:
+    """Declare that list field `cls.name` holds `item_cls` mappings (for from_mapping)."""
+    _LIST_ITEM_TYPES[(cls, name)] = item_cls
+
+
+def _from_dict(cls, data: dict, prefix: str = "", noun: str = "config key"):
     hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
@@ -465,15 +470,27 @@ def _from_dict(cls, data: dict, prefix: str = ""):
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else (
                 f"; valid keys: {', '.join(names)}")
-            raise ConfigError(f"unknown config key '{path}'{hint}")
+            raise ConfigError(f"unknown {noun} '{path}'{hint}")
         item_cls = _LIST_ITEM_TYPES.get((cls, key))
         if item_cls is not None:
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"{path}: expected a non-empty list of {item_cls.__name__} mappings")
-            kwargs[key] = [_coerce(v, item_cls, f"{path}[{i}]") for i, v in enumerate(value)]
+            kwargs[key] = [_coerce(v, item_cls, f"{path}[{i}]", noun) for i, v in enumerate(value)]
         else:
-            kwargs[key] = _coerce(value, hints[key], path)
+            kwargs[key] = _coerce(value, hints[key], path, noun)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key '{(prefix + '.' if prefix else '') + missing[0]}'")
     return cls(**kwargs)
+
+
+def from_mapping(cls, data: Any, where: str = ""):
+    """A dataclass instance from a (YAML) mapping: types coerced, unknown keys
+    named with the closest valid one, required keys enforced (ConfigError)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}")
+    return _from_dict(cls, data, where, noun="key")
 
 
 def to_dict(cfg) -> dict:
@@ -518,20 +535,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _read_yaml(path: str) -> dict:
+def read_yaml_mapping(path: str, what: str = "config file",
+                      fix: str = "pass an existing YAML file to --config") -> dict:
+    """yaml.safe_load a file that must hold a mapping; one-line ConfigError otherwise."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file to --config")
+        raise ConfigError(f"{what} '{path}' does not exist; {fix}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}; fix the syntax there") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML{where}; fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections at the top level")
+        raise ConfigError(f"{what} '{path}' must hold a mapping of keys at the top level")
     return data
 
 
@@ -545,7 +564,7 @@ def config_from_dict(data: dict, overrides=()) -> TrainConfig:
 
 def load_config(path: Optional[str] = None, overrides=()) -> TrainConfig:
     """Load YAML (or defaults when `path` is None), apply dotted overrides, validate."""
-    data = _read_yaml(path) if path else {}
+    data = read_yaml_mapping(path) if path else {}
     if path and "name" not in data:
         data["name"] = os.path.splitext(os.path.basename(path))[0]
     cfg = config_from_dict(data, overrides)

@@ -8,7 +8,6 @@ and key order do not matter) decides whether a prepared folder is up to date.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -16,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+
+from moetrain.config import ConfigError, from_mapping, read_yaml_mapping, register_list_items
 
 from .errors import DataError
 
@@ -121,53 +122,20 @@ class Recipe:
     """Tokens per shard file at most (a longer document gets a shard of its own)."""
     dtype: str = "auto"
     """Shard dtype: auto (uint16 when the vocab fits, else uint32) | uint16 | uint32."""
-    recipe_dir: str = ""
+    recipe_dir: str = field(default="", init=False)
     """Folder of the recipe file (relative paths resolve against it); not hashed."""
 
 
-_NESTED = {(Recipe, "clean"): CleanSpec, (Recipe, "tokenizer"): TokenizerSpec,
-           (SourceSpec, "archive"): ArchiveSpec}
-
-
-def _build(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise DataError(f"{where}: expected a mapping, got {data!r}")
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "recipe_dir"]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
-            raise DataError(f"{where}: unknown key '{key}'{hint}")
-        sub = _NESTED.get((cls, key))
-        kwargs[key] = _build(sub, value, f"{where}.{key}") if sub and value is not None else value
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name in names and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise DataError(f"{where}: missing required key '{missing[0]}'")
-    return cls(**kwargs)
+register_list_items(Recipe, "sources", SourceSpec)
 
 
 def load_recipe(path: str) -> Recipe:
-    """Parse and validate a recipe YAML file."""
-    if not os.path.isfile(path):
-        raise DataError(f"recipe '{path}' does not exist; pass a YAML file such as "
-                        "data_recipes/gutenberg_classics.yaml")
+    """Parse and validate a recipe YAML file (the config loader's strict parser)."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise DataError(f"recipe '{path}' is not valid YAML{where}; fix the syntax there") from None
-    if not isinstance(data, dict):
-        raise DataError(f"recipe '{path}' must be a mapping with at least 'name' and 'sources'")
-    srcs = data.get("sources")
-    if not isinstance(srcs, list) or not srcs:
-        raise DataError(f"recipe '{path}': 'sources' must be a non-empty list")
-    data = dict(data, sources=[_build(SourceSpec, s, f"sources[{i}]") for i, s in enumerate(srcs)])
-    recipe = _build(Recipe, data, "recipe")
+        data = read_yaml_mapping(path, "recipe", "pass a YAML file such as data_recipes/gutenberg_classics.yaml")
+        recipe = from_mapping(Recipe, data)
+    except ConfigError as e:
+        raise DataError(str(e) if str(e).startswith("recipe") else f"recipe '{path}': {e}") from None
     recipe.recipe_dir = os.path.dirname(os.path.abspath(path))
     validate_recipe(recipe)
     return recipe

@@ -31,6 +31,11 @@ class ModelOutput:
     moe_stats: list = field(default_factory=list)  # per MoE layer: detached router stats
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Full element count, also of a ZeRO-3 partitioned parameter (`ds_numel`)."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
     return cfg.moe.n_experts > 0 and layer_idx >= cfg.moe.first_k_dense
 
@@ -136,13 +141,13 @@ class MoETransformer(nn.Module):
         """Total and active (per-token) parameter counts of the whole model,
         embeddings included; under expert parallelism the local expert slice
         is scaled up to all experts."""
-        total = active = sum(p.numel() for p in self.parameters())
+        total = active = sum(_numel(p) for p in self.parameters())
         m = self.cfg.moe
         for layer in self.layers:
             if layer.is_moe:
                 ex = layer.mlp.experts
-                local = sum(p.numel() for p in ex.parameters())
-                full = local * ex.n_global // ex.n_local
+                local = sum(_numel(p) for p in ex.parameters())
+                full = local * ex.n_global // getattr(ex.gate_EFd, "ds_shape", ex.gate_EFd.shape)[0]
                 total += full - local
                 active += full * m.top_k // m.n_experts - local
         return {"total": total, "active": active}
@@ -151,6 +156,6 @@ class MoETransformer(nn.Module):
         """Training FLOPs/token: 6 x active non-embedding params (+ LM head) plus
         causal attention 6 * L * S * Hq * D (PaLM appendix B, halved for causality)."""
         c = self.param_counts()
-        active = c["active"] - self.embed.weight.numel()
+        active = c["active"] - _numel(self.embed.weight)
         attn = 6 * self.cfg.n_layers * seq_len * self.cfg.n_heads * head_dim(self.cfg)
         return 6 * active + attn
