@@ -27,9 +27,7 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    launched = "WORLD_SIZE" in os.environ
     if local_rank is not None and local_rank >= 0:
         os.environ["LOCAL_RANK"] = str(local_rank)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -37,7 +35,15 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if launched:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            # One process, no launcher: a private TCP rendezvous instead of env://,
+            # so that processes we start later don't inherit a rendezvous port
+            # (DeepSpeed itself only insists on LOCAL_RANK).
+            os.environ.setdefault("LOCAL_RANK", "0")
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                       init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
