@@ -25,7 +25,7 @@ import urllib.request
 import zipfile
 
 from .errors import DataError
-from .recipe import ArchiveSpec
+from .recipe import ArchiveSpec, file_sha256
 
 PYPI_SIMPLE = "https://pypi.org/simple"
 
@@ -131,7 +131,7 @@ def fetch_archive(spec: ArchiveSpec, cache: str | None = None) -> str:
     """Path of the verified archive in the cache, downloading it once."""
     folder = os.path.join(cache or cache_dir(), "archives")
     path = os.path.join(folder, spec.filename)
-    if os.path.isfile(path) and _sha256(path) == spec.sha256:
+    if os.path.isfile(path) and file_sha256(path) == spec.sha256:
         return path
     os.makedirs(folder, exist_ok=True)
     urls, cert, pages = resolve_archive(spec)
@@ -154,14 +154,6 @@ def fetch_archive(spec: ArchiveSpec, cache: str | None = None) -> str:
     why = "; ".join(errors) if errors else f"no index lists it (tried {', '.join(pages)})"
     raise DataError(f"could not fetch {spec.filename} ({why}); download it by hand, check its sha256 is "
                     f"{spec.sha256}, and put it at {path}")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _members(archive: str) -> list[tuple[str, callable]]:

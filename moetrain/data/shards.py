@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from .errors import DataError
+from .recipe import file_sha256
 
 MANIFEST = "manifest.json"
 DOC_INDEX = "docs.npy"
@@ -103,14 +104,6 @@ def read_manifest(data_dir: str) -> dict:
     return manifest
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class SplitData:
     """One split of a prepared folder: memmapped shards + document index, checked against the manifest."""
 
@@ -140,7 +133,7 @@ class SplitData:
         if size != want:
             raise DataError(f"shard {shard['file']} has {size:,} bytes but manifest.json says {want:,} "
                             f"(truncated or replaced); {self._fix()}")
-        if verify_hashes and _file_sha256(path) != shard["sha256"]:
+        if verify_hashes and file_sha256(path) != shard["sha256"]:
             raise DataError(f"shard {shard['file']} does not match its sha256 in manifest.json (corrupt); "
                             f"{self._fix()}")
         if shard["tokens"] == 0:
