@@ -8,13 +8,15 @@
    into the Gutenberg data (data.synthetic). Its stage-end eval at L and 4L is the
    "no extension" baseline (the pretrained model evaluated at 4L as it is).
 2. Zero-shot: the pretrained weights with each scaling switched on, no training.
-3. For each method (none = plain RoPE, pi = linear, ntk = static NTK, yarn), copy the
+3. For each method (none = plain RoPE, pi = linear, ntk = static NTK, yarn, yarn_ctx =
+   YaRN with its betas rescaled to this context, see rope_of), copy the
    pretraining run and resume it into stage `ext`: <= 200 steps at 4L with that RoPE,
    identical data, seed, LR schedule and optimizer state; then evaluate at L and 4L.
 
 Every evaluation is moetrain.eval's: passkey retrieval (greedy decoding, exact match;
 --trials per depth) and loss by position on held-out windows. Writes OUT/results.json,
-OUT/results.md and OUT/<run>/eval/<stage>/eval.json + PNGs. Rerunning reuses finished runs.
+OUT/results.md and OUT/<run>/eval/<stage>/eval.json + PNGs. Rerunning reuses finished runs
+and resumes an interrupted pretraining; delete OUT to start over.
 """
 import argparse
 import json
@@ -25,12 +27,21 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-METHODS = {  # name -> RoPE of the extension stage (factor = 4L / L)
-    "none": "{type: none}",
-    "pi": "{type: linear, factor: 4.0}",
-    "ntk": "{type: ntk, factor: 4.0}",
-    "yarn": "{type: yarn, factor: 4.0}",
-}
+METHODS = ("none", "pi", "ntk", "yarn", "yarn_ctx")
+
+
+def rope_of(method: str, L: int) -> str:
+    """RoPE of the extension stage (factor 4 = 4L / L) as a YAML mapping.
+
+    yarn uses the paper's beta_fast=32, beta_slow=1 (rotations over the original context,
+    tuned for LLaMA at 4096 tokens). At L=128 no dimension of a 32-wide head turns 32
+    times, so it scales nearly every dimension. yarn_ctx (added after seeing that) keeps
+    the paper's thresholds in tokens instead: beta x L/4096, i.e. wavelengths under 128
+    tokens kept, over 4096 interpolated."""
+    if method == "yarn_ctx":
+        return f"{{type: yarn, factor: 4.0, beta_fast: {32 * L / 4096}, beta_slow: {L / 4096}}}"
+    return {"none": "{type: none}", "pi": "{type: linear, factor: 4.0}", "ntk": "{type: ntk, factor: 4.0}",
+            "yarn": "{type: yarn, factor: 4.0}"}[method]
 
 
 def parse_args(argv=None):
@@ -61,7 +72,7 @@ def overrides(args, ext_rope: str) -> list:
                   f"{{name: ext, seq_len: {4 * L}, steps: {args.ext_steps}, lr: 1.0e-3, warmup_steps: 20, "
                   f"rope: {ext_rope}}}]",
         "optim.lr": 3e-3, "optim.warmup_steps": 30, "deepspeed.zero_stage": 0,
-        "checkpoint.every_steps": 100000, "logging.every_steps": 25, "logging.console": "plain",
+        "checkpoint.every_steps": 500, "logging.every_steps": 25, "logging.console": "plain",
         "logging.wandb.mode": "disabled",
         "eval.lengths": f"[{L}, {4 * L}]", "eval.passkey_trials": args.trials, "eval.loss_documents": 32,
     }
@@ -78,10 +89,10 @@ def pretrain(args) -> str:
     from moetrain.config import load_config
     from moetrain.train.loop import train
     run = os.path.join(args.out, "pretrain")
-    if not _done(run, args.pretrain_steps):
-        cfg = load_config("configs/default.yaml", overrides(args, METHODS["none"]) +
+    if not _done(run, args.pretrain_steps):  # resumes an interrupted pretraining (checkpoints every 500)
+        cfg = load_config("configs/default.yaml", overrides(args, rope_of("none", args.seq_len)) +
                           [f"train.max_steps={args.pretrain_steps}"])
-        train(cfg, run, resume="never", overwrite=True)
+        train(cfg, run, resume="auto")
     return run
 
 
@@ -92,8 +103,8 @@ def extend(args, method: str, pre: str) -> str:
     run = os.path.join(args.out, f"ext_{method}")
     if not _done(run, args.pretrain_steps + args.ext_steps):
         shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(pre, run, ignore=shutil.ignore_patterns("eval", "wandb"))
-        train(load_config("configs/default.yaml", overrides(args, METHODS[method])), run, resume="auto")
+        shutil.copytree(pre, run, ignore=shutil.ignore_patterns("wandb"))  # eval/pre: per-stage plot
+        train(load_config("configs/default.yaml", overrides(args, rope_of(method, args.seq_len))), run, resume="auto")
     return run
 
 
@@ -109,7 +120,7 @@ def zero_shot(args, method: str, pre: str) -> dict:
     from moetrain.eval.loading import load_run_model, model_forward
     model, cfg, _, _, _ = load_run_model(pre)
     L = args.seq_len
-    rope = RopeConfig(**yaml.safe_load(METHODS[method]), original_max_position_embeddings=L)
+    rope = RopeConfig(**yaml.safe_load(rope_of(method, L)), original_max_position_embeddings=L)
     model.set_rope(dataclasses.replace(rope, theta=cfg.model.rope.theta), 4 * L)
     res = evaluate(model_forward(model), load_tokenizer(args.data_dir), args.data_dir, [L, 4 * L], cfg.eval)
     write_result(res, os.path.join(args.out, "zero_shot", method), f"zero-shot {method}")

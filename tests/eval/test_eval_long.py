@@ -67,6 +67,16 @@ def test_eval_long_on_run_dir_reproduces_the_stage_end_eval(run_dir, tmp_path):
     assert printed["passkey_acc@160"] == want["passkey_acc@160"]
 
 
+def test_eval_long_on_one_checkpoint_uses_its_config(run_dir, tmp_path):
+    from moetrain.train.checkpoint import newest_complete
+    path = newest_complete(os.path.join(run_dir, "checkpoints"))
+    rc = _eval_long().main(["--model", path, "--depths", "1", "--trials", "1", "--out", str(tmp_path)])
+    res = json.load(open(tmp_path / "eval.json"))
+    assert rc == 0 and res["model"]["checkpoint"] == path
+    # eval settings and lengths from the checkpoint's own config (eval.lengths [160], loss_documents 2)
+    assert res["settings"]["lengths"] == [160] and res["settings"]["loss_documents"] == 2
+
+
 def test_eval_long_on_hf_folder(tiny_data, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     import torch

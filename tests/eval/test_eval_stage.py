@@ -2,7 +2,6 @@
 loss by position on held-out windows."""
 import json
 import math
-import os
 
 import numpy as np
 import pytest
