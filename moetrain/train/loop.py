@@ -18,6 +18,7 @@ from moetrain.model import build_model
 from moetrain.parallel.engine import build_engine, device_for, init_distributed, set_engine_batch
 from moetrain.train import checkpoint as ckpt
 from moetrain.model.moe import update_expert_bias
+from moetrain.parallel.expert_parallel import is_expert_param
 from moetrain.train.metrics import (MetricsLogger, RouterMonitor, add_router_stats, device_peak_flops,
                                     reduce_router_stats, router_counts)
 from moetrain.train.schedule import StagePlan, lr_at, plan_stages, total_steps
@@ -149,12 +150,16 @@ def _to_device(batch: dict, device) -> dict:
 
 def train_step(engine, loader, plan: StagePlan, device) -> dict:
     """One optimizer step = grad_accum micro-batches; returns step sums."""
-    sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "tokens": 0}
+    sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "tokens": 0, "grad_norm": None}
     router = None
-    for _ in range(plan.grad_accum_steps):
+    for micro in range(plan.grad_accum_steps):
         batch = _to_device(loader.next_batch(), device)
         out = engine(**batch)
         engine.backward(out.loss)
+        if micro == plan.grad_accum_steps - 1 and not engine.zero_optimization():
+            # DeepSpeed only records the norm inside its ZeRO / bf16 / fp16 optimizers; the
+            # plain fp32 path clips without keeping it. Pre-clip norm, as those report.
+            sums["grad_norm"] = grad_norm(engine.module)
         engine.step()
         sums["loss"] += float(out.loss.detach())
         sums["lm_loss"] += float(out.lm_loss.detach())
@@ -165,6 +170,26 @@ def train_step(engine, loader, plan: StagePlan, device) -> dict:
         sums[k] /= plan.grad_accum_steps
     sums["router"] = router or []
     return sums
+
+
+def grad_norm(model: torch.nn.Module) -> float:
+    """Global L2 norm of the (already data-parallel reduced) gradients. Dense gradients are
+    equal on every rank; under expert parallelism each rank holds other experts, so their
+    squared sums are added over the expert-parallel group."""
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if is_expert_param(p):
+                expert += sq
+            else:
+                dense += sq
+    groups = getattr(model, "ep_groups", None)
+    if groups is not None and groups.ep_size > 1:
+        expert = expert.to(next(model.parameters()).device)
+        dist.all_reduce(expert, group=groups.ep_group)
+    return float((dense + expert.cpu()).sqrt())
 
 
 def _reduce(sums: dict, world: int) -> dict:
@@ -249,11 +274,20 @@ def _truncate_metrics(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _grad_norm_of(engine, sums: dict) -> Optional[float]:
+    """Norm of this step's gradients: DeepSpeed's when its optimizer keeps one, else ours
+    (None only if neither exists, never a made-up 0)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        norm = sums.get("grad_norm")
+    return None if norm is None else float(norm)
+
+
 def _log_record(ctx, state, plan, sums, lr, dt, engine, model, peak) -> dict:
     tps = sums["tokens"] / max(dt, 1e-9)
     rec = {"step": state.step, "stage": plan.name, "loss": sums["loss"], "lm_loss": sums["lm_loss"],
            "aux_loss": sums["aux_loss"], "lr": lr, "tokens": state.tokens, "tokens_per_s": tps,
-           "grad_norm": float(engine.get_global_grad_norm() or 0.0), "seq_len": plan.seq_len,
+           "grad_norm": _grad_norm_of(engine, sums), "seq_len": plan.seq_len,
            "mfu": model.flops_per_token(plan.seq_len) * tps / (peak * ctx.world),
            "elapsed_s": time.time() - ctx.start_time}
     rec.update(ctx.router_monitor.flush())  # MoE router health over the logging window (issue 3)

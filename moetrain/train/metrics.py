@@ -101,7 +101,8 @@ class MetricsLogger:
         done = rec["step"] - self.step0
         elapsed = time.time() - self.t0
         eta = elapsed / max(done, 1) * (self.total - rec["step"])
-        line = (f"step {rec['step']}/{self.total} [{rec['stage']}] loss {rec['loss']:.4f} "
+        gn = "" if rec.get("grad_norm") is None else f"gnorm {rec['grad_norm']:.3f} "
+        line = (f"step {rec['step']}/{self.total} [{rec['stage']}] loss {rec['loss']:.4f} {gn}"
                 f"lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} mfu {100 * rec['mfu']:.1f}% "
                 f"eta {eta / 60:.1f}m")
         if self.bar is not None:

@@ -38,8 +38,9 @@ def data_dir(tmp_path_factory) -> str:
     return str(root / "prepared")
 
 
-def torchrun(data_dir, run_dir, ep, resume=None):
-    ov = [f"{k}={v}" for k, v in {**TINY, "data.dir": data_dir, "model.moe.ep_size": ep}.items()]
+def torchrun(data_dir, run_dir, ep, resume=None, zero=2):
+    ov = [f"{k}={v}" for k, v in {**TINY, "data.dir": data_dir, "model.moe.ep_size": ep,
+                                  "deepspeed.zero_stage": zero}.items()]
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
             str(random.randint(20000, 40000)), os.path.join(ROOT, "scripts", "train.py"), "--config",
             os.path.join(ROOT, "configs", "default.yaml"), "--run-dir", run_dir]
@@ -61,6 +62,12 @@ def test_ep2_run_equals_ep1_and_resumes_exactly(data_dir, tmp_path):
     assert [r["step"] for r in ep2] == list(range(1, 7))
     for a, b in zip(ep2, ep1):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"])
+    # ZeRO-0: the norm is ours (DeepSpeed keeps none), summed over the EP group's experts.
+    z0 = torchrun(data_dir, str(tmp_path / "ep2_zero0"), 2, zero=0)
+    for a, b in zip(z0, ep1):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a["step"], a["loss"], b["loss"])
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a["step"], a["grad_norm"])
     ckpt = tmp_path / "ep2" / "checkpoints" / "step_00000003"
     assert (ckpt / "experts_ep0.pt").exists() and (ckpt / "experts_ep1.pt").exists()
     resumed = torchrun(data_dir, str(tmp_path / "resumed"), 2, resume=str(ckpt))

@@ -25,6 +25,10 @@ def step_losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "event" not in r}
 
 
+def grad_norms(run_dir):
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "event" not in r}
+
+
 def cli(args, **kw):
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
     return subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, **kw)
@@ -55,6 +59,12 @@ def test_zero_stage_runs_20_steps(zero_runs, z):
     for s in losses:  # ZeRO only changes where state lives, not the math
         assert losses[s] == pytest.approx(ref[s], rel=1e-5), (z, s)
     assert os.path.isfile(os.path.join(run, "checkpoints", "step_00000020", "COMPLETE"))
+    # Every ZeRO stage logs the same pre-clip gradient norm (ZeRO-0 fp32: our own, DeepSpeed
+    # keeps none there), and it is a real norm, not a placeholder.
+    norms, ref_norms = grad_norms(run), grad_norms(zero_runs[0])
+    assert sorted(norms) == list(range(1, 21)) and all(0.0 < n < 1e3 for n in norms.values()), norms
+    for s in norms:
+        assert norms[s] == pytest.approx(ref_norms[s], rel=1e-3), (z, s)
 
 
 def test_run_folder_matches_design_and_loss_falls(zero_runs):
