@@ -14,8 +14,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-import yaml
-
 from moetrain.config import ConfigError, from_mapping, read_yaml_mapping, register_list_items
 
 from .errors import DataError

@@ -44,7 +44,19 @@ def init_distributed(local_rank: int | None = None) -> tuple[int, int, int]:
             os.environ.setdefault("LOCAL_RANK", "0")
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                        init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    _share_cpu_threads()
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def _share_cpu_threads() -> None:
+    """CPU runs with several processes per machine: split the cores between them.
+    Without this every rank starts one OpenMP thread per core and a 2-core machine
+    running 2 ranks slows down many times over. An explicit OMP_NUM_THREADS wins."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if torch.cuda.is_available() or local <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // local))
 
 
 def device_for(local_rank: int) -> torch.device:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moetrain.config import (AttentionConfig, DataConfig, RopeConfig, StageConfig, TrainConfig,
+from moetrain.config import (AttentionConfig, DataConfig, RopeConfig, TrainConfig,
                              stage_attention, stage_data)
 
 

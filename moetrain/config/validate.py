@@ -1,0 +1,186 @@
+"""validate(): impossible combinations rejected with one line before any work starts;
+the per-stage views of attention and data."""
+from __future__ import annotations
+
+import dataclasses
+
+from moetrain.config.mapping import ConfigError, _from_dict, to_dict
+from moetrain.config.schema import (AttentionConfig, DataConfig, ModelConfig, RopeConfig, StageConfig,
+                                    TrainConfig)
+
+
+_CHOICES = {
+    "model.attention.backend": ("auto", "sdpa", "reference", "triton", "chunked"),
+    "model.moe.router": ("softmax", "sigmoid"),
+    "data.mode": ("packed", "window"),
+    "data.split": ("train", "eval"),
+    "train.precision": ("fp32", "bf16"),
+    "optim.name": ("adamw", "muon"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "deepspeed.offload_optimizer": ("none", "cpu"),
+    "deepspeed.offload_param": ("none", "cpu"),
+    "logging.console": ("tqdm", "plain"),
+    "logging.wandb.mode": ("online", "offline", "disabled"),
+    "export.dtype": ("fp32", "bf16"),
+}
+ATTENTION_KINDS = ("full", "sliding", "moba")
+ROPE_TYPES = ("none", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+
+
+def _get(cfg, dotted: str):
+    for k in dotted.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.head_dim or m.hidden_size // m.n_heads
+
+
+def _validate_attention(a: AttentionConfig, where: str) -> None:
+    _need(a.backend in _CHOICES["model.attention.backend"],
+          f"{where}.backend='{a.backend}' is not one of {', '.join(_CHOICES['model.attention.backend'])}")
+    _need(bool(a.layer_types), f"{where}.layer_types is empty; give e.g. [full] or [sliding, sliding, sliding, full]")
+    for t in a.layer_types:
+        _need(t in ATTENTION_KINDS, f"{where}.layer_types has '{t}'; use {', '.join(ATTENTION_KINDS)}")
+    _need(a.window > 0, f"{where}.window={a.window} must be positive")
+    _need(a.sink_tokens >= 0, f"{where}.sink_tokens={a.sink_tokens} must be >= 0")
+    _need(a.block_size > 0, f"{where}.block_size={a.block_size} must be positive")
+    _need(a.moba_topk >= 1, f"{where}.moba_topk={a.moba_topk} must be >= 1 (its own block counts)")
+    _need(a.full_attention_last_n >= 0, f"{where}.full_attention_last_n must be >= 0")
+
+
+def _validate_rope(r: RopeConfig, where: str, hd: int) -> None:
+    _need(r.type in ROPE_TYPES, f"{where}.type='{r.type}' is not one of {', '.join(ROPE_TYPES)}")
+    _need(r.theta > 0, f"{where}.theta={r.theta} must be positive")
+    _need(r.factor >= 1.0 or r.type == "none", f"{where}.factor={r.factor} must be >= 1 for scaling")
+    if r.type == "longrope":
+        for name in ("short_factor", "long_factor"):
+            vals = getattr(r, name)
+            _need(vals is not None and len(vals) == hd // 2,
+                  f"{where}.{name} needs head_dim/2 = {hd // 2} floats for longrope")
+
+
+_MOE_CHOICES = {"aux_loss_scope": ("micro_batch", "global_batch"), "experts_backend": ("grouped", "loop"),
+                "permute_backend": ("auto", "torch", "triton")}
+
+
+def _validate_moe(cfg: TrainConfig, world_size: int) -> None:
+    e, w = cfg.model.moe, "model.moe"
+    _need(e.n_experts >= 0, f"{w}.n_experts={e.n_experts} must be >= 0")
+    _need(0 <= e.first_k_dense <= cfg.model.n_layers, f"{w}.first_k_dense={e.first_k_dense} exceeds model.n_layers")
+    if e.n_experts == 0:
+        return
+    for key, choices in _MOE_CHOICES.items():
+        _need(getattr(e, key) in choices, f"{w}.{key}='{getattr(e, key)}' is not one of {', '.join(choices)}")
+    _need(1 <= e.top_k <= e.n_experts, f"{w}.top_k={e.top_k} must be between 1 and {w}.n_experts={e.n_experts}")
+    _need(e.ep_size >= 1 and e.n_experts % e.ep_size == 0,
+          f"{w}.ep_size={e.ep_size} must divide {w}.n_experts={e.n_experts}")
+    # world_size=1 also means "not launched yet" (load_config); the EP setup re-checks the real world.
+    _need(world_size == 1 or world_size % e.ep_size == 0,
+          f"world size {world_size} is not divisible by {w}.ep_size={e.ep_size}")
+    _need(e.ep_size == 1 or cfg.deepspeed.zero_stage < 3,
+          f"{w}.ep_size={e.ep_size} needs deepspeed.zero_stage 0, 1 or 2 (DeepSpeed cannot partition expert-parallel "
+          "parameters with ZeRO-3); use zero_stage=2 or ep_size=1")
+    _need(e.n_groups >= 1 and e.n_experts % e.n_groups == 0,
+          f"{w}.n_groups={e.n_groups} must divide {w}.n_experts={e.n_experts}")
+    _need(1 <= e.topk_groups <= e.n_groups, f"{w}.topk_groups={e.topk_groups} must be between 1 and n_groups")
+    _need(e.top_k <= e.topk_groups * (e.n_experts // e.n_groups),
+          f"{w}.top_k={e.top_k} exceeds the experts in topk_groups={e.topk_groups} groups; raise topk_groups")
+    _need(e.intermediate_size is None or e.intermediate_size > 0, f"{w}.intermediate_size must be positive")
+    _need(e.n_shared_experts >= 0, f"{w}.n_shared_experts={e.n_shared_experts} must be >= 0")
+    _need(e.routed_scaling_factor > 0, f"{w}.routed_scaling_factor must be positive")
+    _need(0 <= e.router_jitter < 1, f"{w}.router_jitter={e.router_jitter} must be in [0, 1)")
+    for key in ("aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef", "bias_update_speed"):
+        _need(getattr(e, key) >= 0, f"{w}.{key}={getattr(e, key)} must be >= 0")
+    _need(e.capacity_factor is None or e.capacity_factor > 0,
+          f"{w}.capacity_factor={e.capacity_factor} must be positive (or null for dropless)")
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Reject impossible settings with one clear line (raises ConfigError)."""
+    for key, choices in _CHOICES.items():
+        val = _get(cfg, key)
+        _need(val in choices, f"{key}='{val}' is not one of {', '.join(choices)}")
+    m = cfg.model
+    for key in ("vocab_size", "hidden_size", "n_layers", "n_heads", "n_kv_heads", "intermediate_size"):
+        _need(getattr(m, key) > 0, f"model.{key}={getattr(m, key)} must be positive")
+    _need(m.head_dim is not None or m.hidden_size % m.n_heads == 0,
+          f"model.hidden_size={m.hidden_size} is not divisible by model.n_heads={m.n_heads}; "
+          "change one of them or set model.head_dim")
+    _need(m.n_heads % m.n_kv_heads == 0,
+          f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (GQA groups)")
+    _need(head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE")
+    _need(m.loss_chunk_size > 0, f"model.loss_chunk_size={m.loss_chunk_size} must be positive")
+    _validate_moe(cfg, world_size)
+    _validate_attention(m.attention, "model.attention")
+    _validate_rope(m.rope, "model.rope", head_dim(m))
+    _validate_stages(cfg)
+    t = cfg.train
+    _need(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
+    _need(t.grad_accum_steps > 0, f"train.grad_accum_steps={t.grad_accum_steps} must be positive")
+    _need(t.max_steps is None or t.max_steps > 0, f"train.max_steps={t.max_steps} must be positive")
+    if t.global_batch_size is not None:
+        dp = world_size
+        _need(t.global_batch_size == t.micro_batch_size * t.grad_accum_steps * dp,
+              f"train.global_batch_size={t.global_batch_size} != micro_batch_size {t.micro_batch_size} x "
+              f"grad_accum_steps {t.grad_accum_steps} x world size {dp}; fix one of them")
+    d = cfg.deepspeed
+    _need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={d.zero_stage} must be 0, 1, 2 or 3")
+    _need(d.offload_param == "none" or d.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3")
+    _need(d.offload_optimizer == "none" or d.zero_stage >= 1, "deepspeed.offload_optimizer needs zero_stage >= 1")
+    o = cfg.optim
+    _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
+    _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
+    _need(cfg.checkpoint.every_steps > 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
+    _need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
+    _need(cfg.logging.every_steps > 0, f"logging.every_steps={cfg.logging.every_steps} must be positive")
+    _need(cfg.data.upsample_factor >= 1, f"data.upsample_factor={cfg.data.upsample_factor} must be >= 1")
+
+
+def _validate_stages(cfg: TrainConfig) -> None:
+    names = set()
+    for i, s in enumerate(cfg.stages):
+        where = f"stages[{i}]"
+        _need(s.name not in names, f"{where}.name='{s.name}' is used twice; stage names must be unique")
+        names.add(s.name)
+        _need(s.seq_len > 0, f"{where}.seq_len={s.seq_len} must be positive")
+        _need((s.steps is None) != (s.tokens is None),
+              f"{where} needs exactly one of steps or tokens")
+        _need((s.steps or 1) > 0 and (s.tokens or 1) > 0, f"{where}: steps/tokens must be positive")
+        for key in ("micro_batch_size", "grad_accum_steps", "warmup_steps"):
+            v = getattr(s, key)
+            _need(v is None or v >= (0 if key == "warmup_steps" else 1), f"{where}.{key}={v} is out of range")
+        if s.rope is not None:
+            _validate_rope(s.rope, f"{where}.rope", head_dim(cfg.model))
+        if s.attention is not None:
+            _validate_attention(stage_attention(cfg, s), f"{where}.attention")
+        if s.data is not None:
+            bad = [k for k in s.data if k not in {f.name for f in dataclasses.fields(DataConfig)}]
+            _need(not bad, f"{where}.data has unknown key '{bad[0] if bad else ''}'; use fields of data")
+    mp = cfg.model.max_position_embeddings
+    longest = max(s.seq_len for s in cfg.stages)
+    _need(mp is None or mp >= longest,
+          f"model.max_position_embeddings={mp} is shorter than the longest stage ({longest}); raise it")
+
+
+def stage_attention(cfg: TrainConfig, stage: StageConfig) -> AttentionConfig:
+    """model.attention with the stage's overrides applied."""
+    base = to_dict(cfg.model.attention)
+    base.update(stage.attention or {})
+    return _from_dict(AttentionConfig, base, "attention")
+
+
+def stage_data(cfg: TrainConfig, stage: StageConfig) -> DataConfig:
+    """data with the stage's overrides applied."""
+    base = to_dict(cfg.data)
+    base.update(stage.data or {})
+    return _from_dict(DataConfig, base, "data")
