@@ -56,7 +56,7 @@ def _set_rng_state(state: dict, torch_rng: torch.Tensor) -> None:
     torch.set_rng_state(torch_rng)
 
 
-def _barrier():
+def barrier():
     if dist.is_initialized():
         dist.barrier()
 
@@ -67,7 +67,7 @@ def save(engine, ckpt_root: str, step: int, client: dict, rank_state: dict, rank
     path = os.path.join(ckpt_root, tag)
     if rank == 0 and os.path.isdir(path) and not is_complete(path):
         shutil.rmtree(path)  # leftover of a run killed while saving this very step
-    _barrier()
+    barrier()
     engine.save_checkpoint(ckpt_root, tag=tag, save_latest=False)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, f"rank{rank}.json"), "w") as f:
@@ -76,12 +76,12 @@ def save(engine, ckpt_root: str, step: int, client: dict, rank_state: dict, rank
     if rank == 0:
         with open(os.path.join(path, "client_state.json"), "w") as f:
             json.dump(client, f, indent=1)
-    _barrier()
+    barrier()
     if rank == 0:
         with open(os.path.join(path, MARKER), "w") as f:
             f.write(str(step))
         prune(ckpt_root, keep_last)
-    _barrier()
+    barrier()
     return path
 
 

@@ -54,11 +54,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def prepare_run_dir(cfg: TrainConfig, run_dir: str, resume: str, overwrite: bool, rank: int) -> Optional[str]:
     """Checks the resume policy and returns the checkpoint to resume from (or None).
     Raises ValueError before anything is written when the request would lose work."""
@@ -122,7 +117,7 @@ def _prepare_data(ctx: Context) -> None:
     if ctx.rank == 0:
         for plan in ctx.plans:
             ensure_prepared(plan.data)
-    _barrier()
+    ckpt.barrier()
     vocab = load_tokenizer(ctx.plans[0].data.dir).vocab_size
     if vocab > ctx.cfg.model.vocab_size:
         raise ConfigError(f"tokenizer in {ctx.plans[0].data.dir} has {vocab} pieces but model.vocab_size="
@@ -352,12 +347,14 @@ def train(cfg: TrainConfig, run_dir: str, resume: str = "auto", overwrite: bool 
     try:
         while state.stage < len(ctx.plans) and state.step < ctx.total:
             run_stage(engine, model, ctx, state, ctx.plans[state.stage], logger, peak)
+        # Rank 0 exports from the final checkpoint (complete: saving ends in a barrier) while the
+        # other ranks leave: no collective waits on it, so a long CPU export or --verify cannot
+        # run into the process-group timeout. Launchers wait for every rank anyway.
         if cfg.export.enabled and ctx.rank == 0:
             from moetrain.export import export_checkpoint
             e = cfg.export
             export_checkpoint(run_dir, os.path.join(run_dir, "export"), dtype=e.dtype, shard_size=e.shard_size,
                               verify=e.verify, allow_approx=e.allow_approx)
-        _barrier()
     finally:
         logger.finish()
     return state
