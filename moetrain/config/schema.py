@@ -97,7 +97,8 @@ class MoEConfig:
     """micro_batch | global_batch: expert token fractions of the balancing loss from this rank's micro-batch,
     or summed over all data-parallel ranks (counts all-reduced; router probabilities stay local)."""
     seq_aux_loss_coef: float = 0.0
-    """Weight of the sequence-level balancing loss (DeepSeek-V3; balance inside each sequence row; 0 = off)."""
+    """Weight of the sequence-level balancing loss (DeepSeek-V3; balance inside each sequence: each packed
+    document under data.doc_masking, else each row; 0 = off)."""
     z_loss_coef: float = 0.001
     """Weight of the router z-loss (logsumexp^2 of router logits)."""
     bias_update_speed: float = 0.0

@@ -124,15 +124,28 @@ def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
     return E * (f * probs_TE.mean(dim=0)).sum()
 
 
-def sequence_balancing_loss(probs_BSE: torch.Tensor, experts_BSK: torch.Tensor) -> torch.Tensor:
-    """DeepSeek-V3 sequence-wise balance loss: the Switch loss inside each sequence
-    row, averaged over rows (1 when every row is balanced)."""
-    B, S, E = probs_BSE.shape
-    flat = experts_BSK.reshape(B, -1)
-    counts_BE = torch.zeros(B, E, dtype=probs_BSE.dtype, device=flat.device).scatter_add_(
-        1, flat, torch.ones_like(flat, dtype=probs_BSE.dtype))
-    f_BE = counts_BE / flat.shape[1]
-    return E * (f_BE * probs_BSE.mean(dim=1)).sum(-1).mean()
+def sequence_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
+                            segments_T: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 sequence-wise balance loss: the Switch loss inside each sequence,
+    averaged over sequences (1 when every one is balanced). `segments_T` numbers the
+    sequence of each token 0..N-1: the batch rows, or the packed documents."""
+    E, K = probs_TE.shape[-1], experts_TK.shape[-1]
+    n = int(segments_T.max()) + 1
+    seg_TK = segments_T[:, None].expand_as(experts_TK)
+    counts_NE = probs_TE.new_zeros(n, E).index_put_((seg_TK.reshape(-1), experts_TK.reshape(-1)),
+                                                   probs_TE.new_ones(experts_TK.numel()), accumulate=True)
+    tokens_N = torch.bincount(segments_T, minlength=n).to(probs_TE.dtype).clamp_min(1)[:, None]
+    mean_probs_NE = probs_TE.new_zeros(n, E).index_add_(0, segments_T, probs_TE) / tokens_N
+    return E * (counts_NE / (tokens_N * K) * mean_probs_NE).sum(-1).mean()
+
+
+def sequence_ids(B: int, S: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Sequence number of each of the B*S tokens: its packed document when
+    `cu_seqlens` is given (B == 1), else its row."""
+    if cu_seqlens is None:
+        return torch.arange(B, device=device).repeat_interleave(S)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)
+    return torch.arange(lengths.numel(), device=device).repeat_interleave(lengths)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -281,7 +294,9 @@ class MoE(nn.Module):
         self.count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self.last_stats: dict = {}
 
-    def forward(self, x_BSd):
+    def forward(self, x_BSd, cu_seqlens: Optional[torch.Tensor] = None):
+        """x [B, S, d] (or [T, d], one sequence); cu_seqlens marks packed documents (B == 1),
+        which the sequence-wise balance loss then treats as the sequences."""
         x_Td = x_BSd.reshape(-1, x_BSd.shape[-1])
         r = self.router(x_Td)
         experts_TK = r.experts_TK
@@ -292,10 +307,10 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             shared = self.shared_experts(x_Td)
             y = y + (torch.sigmoid(self.shared_gate(x_Td)) * shared if self.shared_gate is not None else shared)
-        aux = self._balancing(r, experts_TK, x_BSd.shape[0] if x_BSd.dim() == 3 else 1)
+        aux = self._balancing(r, experts_TK, x_BSd.shape[0] if x_BSd.dim() == 3 else 1, cu_seqlens)
         return y.view_as(x_BSd), aux
 
-    def _balancing(self, r: Routing, kept_TK, B: int):
+    def _balancing(self, r: Routing, kept_TK, B: int, cu_seqlens: Optional[torch.Tensor]):
         counts = torch.bincount(r.experts_TK.flatten(), minlength=self.n_experts)  # routed choices, pre-drop
         global_counts = self.count_reducer(counts) if self.count_reducer is not None else None
         lb = load_balancing_loss(r.probs_TE, r.experts_TK, global_counts)
@@ -303,7 +318,8 @@ class MoE(nn.Module):
         aux = self.aux_coef * lb + self.z_coef * z
         stats = {"lb_loss": lb.detach(), "z_loss": z.detach()}
         if self.seq_coef > 0:
-            seq = sequence_balancing_loss(r.probs_TE.view(B, -1, self.n_experts), r.experts_TK.view(B, -1, self.top_k))
+            T = r.probs_TE.shape[0]
+            seq = sequence_balancing_loss(r.probs_TE, r.experts_TK, sequence_ids(B, T // B, cu_seqlens, r.probs_TE.device))
             aux = aux + self.seq_coef * seq
             stats["seq_loss"] = seq.detach()
         with torch.no_grad():

@@ -53,7 +53,7 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, cu_seqlens)
         h = self.mlp_norm(x)
         if self.is_moe:
-            y, aux = self.mlp(h)
+            y, aux = self.mlp(h, cu_seqlens)
         else:
             y, aux = self.mlp(h), x.new_zeros((), dtype=torch.float32)
         return x + y, aux

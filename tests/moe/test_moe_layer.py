@@ -7,7 +7,7 @@ import torch
 import moetrain.model.moe as moe_mod
 from moetrain.config import config_from_dict
 from moetrain.model.moe import (MoE, apply_capacity, experts_grouped, experts_loop, load_balancing_loss,
-                                sequence_balancing_loss)
+                                sequence_balancing_loss, sequence_ids)
 
 D = 32
 
@@ -131,21 +131,50 @@ def test_expert_bias_is_persistent_and_steers_selection_not_weights():
     torch.testing.assert_close(r.weights_TK, plain / plain.sum(-1, keepdim=True))
 
 
+def _rows(B, S):
+    return sequence_ids(B, S, None, "cpu")
+
+
 def test_balancing_losses_at_uniform_routing_and_with_global_counts():
     B, S, E, K = 2, 8, 4, 2
-    probs = torch.full((B, S, E), 1 / E)
-    experts = (torch.arange(B * S * K).view(B, S, K)) % E
-    assert sequence_balancing_loss(probs, experts).item() == pytest.approx(1.0)
+    probs = torch.full((B * S, E), 1 / E)
+    experts = torch.arange(B * S * K).view(B * S, K) % E
+    assert sequence_balancing_loss(probs, experts, _rows(B, S)).item() == pytest.approx(1.0)
     skew = torch.zeros_like(experts)
     skew[..., 1] = 1
-    assert sequence_balancing_loss(probs, skew).item() == pytest.approx(1.0)  # P uniform: f.P = 1/E
-    p_skew = torch.zeros(B, S, E)
+    assert sequence_balancing_loss(probs, skew, _rows(B, S)).item() == pytest.approx(1.0)  # P uniform: f.P = 1/E
+    p_skew = torch.zeros(B * S, E)
     p_skew[..., :2] = 0.5
-    assert sequence_balancing_loss(p_skew, skew).item() == pytest.approx(2.0)
-    local = load_balancing_loss(probs.view(-1, E), experts.view(-1, K))
+    assert sequence_balancing_loss(p_skew, skew, _rows(B, S)).item() == pytest.approx(2.0)
+    local = load_balancing_loss(probs, experts)
     counts = torch.tensor([100, 0, 0, 0])  # e.g. summed over ranks: expert 0 took everything
-    assert load_balancing_loss(probs.view(-1, E), experts.view(-1, K), counts).item() == pytest.approx(local.item())
-    assert load_balancing_loss(p_skew.view(-1, E), experts.view(-1, K), counts).item() == pytest.approx(2.0)
+    assert load_balancing_loss(probs, experts, counts).item() == pytest.approx(local.item())
+    assert load_balancing_loss(p_skew, experts, counts).item() == pytest.approx(2.0)
+
+
+def test_sequence_loss_per_packed_document():
+    """Packed documents count as the sequences: the packed loss is the mean of each
+    document's own loss, and differs from treating the packed row as one sequence."""
+    g = torch.Generator().manual_seed(0)
+    E, K, lengths = 4, 2, [5, 11, 3]
+    probs = torch.softmax(torch.randn(sum(lengths), E, generator=g), -1)
+    experts = probs.topk(K, dim=-1).indices
+    cu = torch.tensor([0, 5, 16, 19], dtype=torch.int32)
+    seg = sequence_ids(1, 19, cu, "cpu")
+    assert seg.tolist() == [0] * 5 + [1] * 11 + [2] * 3
+    packed = sequence_balancing_loss(probs, experts, seg)
+    alone = [sequence_balancing_loss(probs[a:b], experts[a:b], torch.zeros(b - a, dtype=torch.long))
+             for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    assert packed.item() == pytest.approx(sum(a.item() for a in alone) / 3, rel=1e-6)
+    whole_row = sequence_balancing_loss(probs, experts, torch.zeros(19, dtype=torch.long))
+    assert abs(whole_row.item() - packed.item()) > 1e-3
+    # the MoE layer uses the documents when given cu_seqlens
+    mod = layer(seq_aux_loss_coef=1.0, aux_loss_coef=0.0, z_loss_coef=0.0)
+    x = torch.randn(1, 19, D, generator=g)
+    _, aux_docs = mod(x, cu)
+    docs = mod.last_stats["seq_loss"]
+    _, aux_row = mod(x)
+    assert aux_docs.item() == pytest.approx(docs.item()) and docs.item() != pytest.approx(mod.last_stats["seq_loss"].item())
 
 
 def test_stats_for_health_metrics():
