@@ -318,8 +318,8 @@ class MoE(nn.Module):
         aux = self.aux_coef * lb + self.z_coef * z
         stats = {"lb_loss": lb.detach(), "z_loss": z.detach()}
         if self.seq_coef > 0:
-            T = r.probs_TE.shape[0]
-            seq = sequence_balancing_loss(r.probs_TE, r.experts_TK, sequence_ids(B, T // B, cu_seqlens, r.probs_TE.device))
+            sequences_T = sequence_ids(B, r.probs_TE.shape[0] // B, cu_seqlens, r.probs_TE.device)
+            seq = sequence_balancing_loss(r.probs_TE, r.experts_TK, sequences_T)
             aux = aux + self.seq_coef * seq
             stats["seq_loss"] = seq.detach()
         with torch.no_grad():

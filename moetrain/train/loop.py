@@ -170,21 +170,18 @@ def train_step(engine, loader, plan: StagePlan, device) -> dict:
 def grad_norm(model: torch.nn.Module) -> float:
     """Global L2 norm of the (already data-parallel reduced) gradients. Dense gradients are
     equal on every rank; under expert parallelism each rank holds other experts, so their
-    squared sums are added over the expert-parallel group."""
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
+    squared sums are added over the expert-parallel group. One host sync."""
+    grads = {True: [], False: []}  # is_expert -> per-parameter norms, kept on the device
     for p in model.parameters():
         if p.grad is not None:
-            sq = p.grad.detach().double().pow(2).sum().cpu()
-            if is_expert_param(p):
-                expert += sq
-            else:
-                dense += sq
+            grads[is_expert_param(p)].append(p.grad.detach().float().norm().double())
+    device = next(model.parameters()).device
+    dense, expert = (torch.stack(g).pow(2).sum() if g else torch.zeros((), dtype=torch.float64, device=device)
+                     for g in (grads[False], grads[True]))
     groups = getattr(model, "ep_groups", None)
     if groups is not None and groups.ep_size > 1:
-        expert = expert.to(next(model.parameters()).device)
         dist.all_reduce(expert, group=groups.ep_group)
-    return float((dense + expert.cpu()).sqrt())
+    return float((dense + expert).sqrt())
 
 
 def _reduce(sums: dict, world: int) -> dict:
