@@ -74,17 +74,24 @@ def tile_is_dense(n0, klo, khi, m0, window, sink, BLOCK_M: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _load_kv_tile(kbase, vbase, sks, svs, n0, klo, khi, offs_d, dmask, BLOCK_N: tl.constexpr):
+    """Keys/values n0..n0+N of one document (zeros outside [klo, khi)): offs_n, kin, k, v [N, DP]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kin = (offs_n >= klo) & (offs_n < khi)
+    k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :],
+                mask=kin[:, None] & dmask[None, :], other=0.0)
+    v = tl.load(vbase + offs_n[:, None] * svs + offs_d[None, :],
+                mask=kin[:, None] & dmask[None, :], other=0.0)
+    return offs_n, kin, k, v
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, kbase, vbase, sks, svs, n0, klo, khi, offs_m, m0, L, offs_d,
               dmask, qk_scale, window, sink, own, hit,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
               FULL: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr,
               MOBA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    kin = (offs_n >= klo) & (offs_n < khi)
-    k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :],
-                mask=kin[:, None] & dmask[None, :], other=0.0)  # [N, DP]
-    v = tl.load(vbase + offs_n[:, None] * svs + offs_d[None, :],
-                mask=kin[:, None] & dmask[None, :], other=0.0)
+    offs_n, kin, k, v = _load_kv_tile(kbase, vbase, sks, svs, n0, klo, khi, offs_d, dmask, BLOCK_N)
     qk = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale  # [M, N], log2 units
     if not tile_is_dense(n0, klo, khi, m0, window, sink, BLOCK_M, BLOCK_N,
                          CAUSAL, FULL, WINDOW, HAS_SINK, MOBA):
@@ -106,12 +113,7 @@ def _dq_tile(dq, lse, delta, q, do, kbase, vbase, sks, svs, n0, klo, khi, offs_m
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
              FULL: tl.constexpr, WINDOW: tl.constexpr, HAS_SINK: tl.constexpr,
              MOBA: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    kin = (offs_n >= klo) & (offs_n < khi)
-    k = tl.load(kbase + offs_n[:, None] * sks + offs_d[None, :],
-                mask=kin[:, None] & dmask[None, :], other=0.0)  # [N, DP]
-    v = tl.load(vbase + offs_n[:, None] * svs + offs_d[None, :],
-                mask=kin[:, None] & dmask[None, :], other=0.0)
+    offs_n, kin, k, v = _load_kv_tile(kbase, vbase, sks, svs, n0, klo, khi, offs_d, dmask, BLOCK_N)
     qk = _dot(q, tl.trans(k), PREC, UPCAST) * qk_scale
     p = tl.math.exp2(qk - lse[:, None])  # [M, N] softmax probabilities
     if not tile_is_dense(n0, klo, khi, m0, window, sink, BLOCK_M, BLOCK_N,
