@@ -16,13 +16,13 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 
 if not torch.cuda.is_available():  # must precede the first triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from moetrain.benchmark import time_ms  # noqa: E402
 from moetrain.kernels import sparse_attention  # noqa: E402
 from moetrain.kernels.sparse_attention.common import check_args, moba_select  # noqa: E402
 
@@ -69,19 +69,6 @@ def visible_pairs(S: int, mode: str, a) -> int:
     own = i - (i // a.moba_block) * a.moba_block + 1
     picked = torch.clamp(i // a.moba_block, max=a.moba_topk - 1) * a.moba_block
     return int((own + picked).sum())
-
-
-def time_ms(fn, device) -> float:
-    if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=5, rep=30)
-    fn()
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) * 1e3 / reps
 
 
 def run_case(attn, q, k, v, fwd_only: bool, device):

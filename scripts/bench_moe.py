@@ -20,12 +20,12 @@ Our layer also computes its balancing / z losses and router stats.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
-import time
 
 import torch
+
+from moetrain.benchmark import peak_bytes, timed
 
 SHAPES = {"e8k2": dict(n_experts=8, top_k=2, ffn_mult=4.0), "e64k8": dict(n_experts=64, top_k=8, ffn_mult=0.25)}
 IMPLS = ("ours_grouped", "ours_loop", "hf_mixtral_eager", "hf_mixtral_grouped_mm",
@@ -50,7 +50,7 @@ def parse_args(argv=None):
 def build(impl: str, shape: dict, d: int):
     """(module, forward returning (y, aux)) with weights from one seeded MoE of ours."""
     from moetrain.config import config_from_dict
-    from moetrain.model.moe import MoE, experts_loop
+    from moetrain.model.moe import LocalDispatcher, MoE, experts_loop
     E, K = shape["n_experts"], shape["top_k"]
     F = int(d * shape["ffn_mult"])
     shared = "shared" in impl or "qwen2" in impl
@@ -65,7 +65,7 @@ def build(impl: str, shape: dict, d: int):
         torch.nn.init.normal_(p, std=0.02)
     if impl.startswith("ours"):
         if impl == "ours_loop":
-            ours.experts_fn = experts_loop
+            ours.set_dispatcher(LocalDispatcher(experts_loop))
         return ours, lambda x: ours(x)
     hf = _hf_block(impl, ours, d, F, E, K)
     return hf, lambda x: (hf(x), None)
@@ -94,11 +94,6 @@ def _hf_block(impl: str, ours, d: int, F: int, E: int, K: int):
     return hf
 
 
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
-
 class Runner:
     """One implementation on one shape: a forward+backward step, timed and measured."""
 
@@ -118,31 +113,12 @@ class Runner:
         self.mod.zero_grad(set_to_none=False)
         self.x.grad = None
 
-    def _sync(self):
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def timed_step(self) -> None:
-        self._sync()
-        t0 = time.perf_counter()
-        self.step()
-        self._sync()
-        self.times.append(time.perf_counter() - t0)
+        self.times.append(timed(self.step, self.dev))
 
     def peak_bytes(self) -> int:
         """Memory above the warm state during one step."""
-        if self.dev.type == "cuda":
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            self.step()
-            return torch.cuda.max_memory_allocated() - base
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        base = _proc_status("VmRSS")
-        self.step()
-        return _proc_status("VmHWM") - base
+        return peak_bytes(self.step, self.dev)
 
 
 def bench_shape(shape: str, a) -> list:

@@ -62,19 +62,15 @@ def _floats(text: str, what: str) -> list:
 
 
 def eval_config(args):
-    """cfg.eval from --config (else the run's config.yaml, else defaults) + --set + flags."""
+    """cfg.eval from --config (else the run's config.yaml or the checkpoint's own config,
+    else defaults) + --set + flags."""
     import dataclasses
-    from moetrain.config import config_from_dict, load_config
-    path = args.config
-    run_cfg = os.path.join(args.model, "config.yaml")
-    client = os.path.join(args.model, "client_state.json")
-    if path is None and os.path.isfile(run_cfg) and not os.path.isfile(os.path.join(args.model, "config.json")):
-        path = run_cfg
-    if path is None and os.path.isfile(client):  # one checkpoints/<tag>: its config travels inside
-        with open(client) as f:
-            ecfg = config_from_dict(json.load(f)["config"], args.set).eval
-    else:
-        ecfg = load_config(path, args.set).eval
+    from moetrain.checkpoint import run_config
+    from moetrain.config import load_config
+    cfg = None if args.config else run_config(args.model, args.set)  # None for an HF folder
+    if cfg is None:
+        cfg = load_config(args.config, args.set)
+    ecfg = cfg.eval
     if args.depths is not None:
         ecfg = dataclasses.replace(ecfg, depths=_floats(args.depths, "depths"))
     if args.trials < 1:

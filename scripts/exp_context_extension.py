@@ -80,14 +80,14 @@ def overrides(args, ext_rope: str) -> list:
 
 
 def _done(run_dir: str, step: int) -> bool:
-    from moetrain.train import checkpoint as ckpt
+    from moetrain import checkpoint as ckpt
     newest = ckpt.newest_complete(os.path.join(run_dir, "checkpoints"))
     return newest is not None and ckpt.read_client_state(newest)["step"] >= step
 
 
 def pretrain(args) -> str:
     from moetrain.config import load_config
-    from moetrain.train.loop import train
+    from moetrain.compose import train
     run = os.path.join(args.out, "pretrain")
     if not _done(run, args.pretrain_steps):  # resumes an interrupted pretraining (checkpoints every 500)
         cfg = load_config("configs/default.yaml", overrides(args, rope_of("none", args.seq_len)) +
@@ -99,7 +99,7 @@ def pretrain(args) -> str:
 def extend(args, method: str, pre: str) -> str:
     """Resume a copy of the pretraining run into the extension stage with `method`'s RoPE."""
     from moetrain.config import load_config
-    from moetrain.train.loop import train
+    from moetrain.compose import train
     run = os.path.join(args.out, f"ext_{method}")
     if not _done(run, args.pretrain_steps + args.ext_steps):
         shutil.rmtree(run, ignore_errors=True)

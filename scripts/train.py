@@ -34,7 +34,7 @@ def main(argv=None) -> int:
             from moetrain.train.dryrun import dry_run
             dry_run(cfg, args.world_size)
             return 0
-        from moetrain.train.loop import train
+        from moetrain.compose import train
         run_dir = args.run_dir or os.path.join("runs", cfg.name)
         train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, local_rank=args.local_rank)
     except (ConfigError, ValueError, FileNotFoundError) as e:

@@ -19,13 +19,6 @@ class EvalModel:
     info: dict = field(default_factory=dict)
 
 
-def _checkpoint_dir(path: str) -> Optional[str]:
-    from moetrain.train import checkpoint as ckpt
-    if ckpt.is_complete(path):
-        return path
-    return ckpt.newest_complete(os.path.join(path, "checkpoints"))
-
-
 def _tokenizer(folder: str, data_dir: Optional[str], what: str):
     from moetrain.data import load_tokenizer
     for d in (folder, data_dir):
@@ -51,51 +44,16 @@ def _load_hf(path: str, data_dir: Optional[str]) -> EvalModel:
                                                        "architecture": type(model).__name__})
 
 
-def _load_weights(cfg, ckpt_dir: str) -> torch.nn.Module:
-    """moetrain.load_model when the export reader is there; until then DeepSpeed's own
-    fp32 consolidation (ZeRO 1-3) or the stage-0 module file."""
-    try:
-        import moetrain.export.reader  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        import moetrain
-        return moetrain.load_model(ckpt_dir)
-    from moetrain.model import build_model
-    model = build_model(cfg.model)
-    root, tag = os.path.split(os.path.normpath(ckpt_dir))
-    if cfg.deepspeed.zero_stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
-    else:
-        state = torch.load(os.path.join(ckpt_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
-                           weights_only=False)["module"]
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    return model.float().eval()
-
-
 def load_run_model(path: str):
-    """(model, cfg, plan, client_state, ckpt_dir) of a run folder or checkpoint: fp32, eval
-    mode, with the RoPE and attention of the stage the checkpoint was written in (as the
-    trainer sets them)."""
+    """(model, cfg, plan, client_state, ckpt_dir) of a run folder or checkpoint: fp32 on CPU,
+    eval mode, with the RoPE and attention of the stage the checkpoint was written in
+    (moetrain.checkpoint.stage_of), as moetrain.load_model and the export see it."""
+    from moetrain import checkpoint as ckpt
     from moetrain.config import config_from_dict
-    from moetrain.train import checkpoint as ckpt
-    from moetrain.train.schedule import plan_stages
-    ckpt_dir = _checkpoint_dir(path)
-    if ckpt_dir is None:
-        raise ValueError(f"{path} holds no complete checkpoint (run folder or checkpoints/<tag>)")
+    ckpt_dir = ckpt.resolve_checkpoint(path)
     client = ckpt.read_client_state(ckpt_dir)
     cfg = config_from_dict(client["config"])
-    model = _load_weights(cfg, ckpt_dir)
-    idx = min(client["stage"], len(cfg.stages) - 1)
-    if idx > 0 and client.get("step_in_stage", 0) == 0:
-        idx -= 1  # saved right at a stage boundary: the weights were trained under the previous stage
-    plan = plan_stages(cfg)[idx]
-    model.set_rope(dataclasses.replace(plan.rope,
-                                       original_max_position_embeddings=plan.original_max_position_embeddings),
-                   plan.seq_len)
-    model.set_attention(plan.attention)
-    return model.eval(), cfg, plan, client, ckpt_dir
+    return ckpt.load_model(ckpt_dir), cfg, ckpt.stage_of(cfg, client), client, ckpt_dir
 
 
 def model_forward(model):

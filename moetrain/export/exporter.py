@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from moetrain.config import AttentionConfig, ModelConfig
+from moetrain.config import AttentionConfig, ModelConfig, config_from_dict
 from moetrain.export import writer
 from moetrain.export.convert import to_hf_state_dict
 from moetrain.export.hf_config import hf_config_dict
@@ -46,20 +46,18 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "fp32", sha
                       log: Callable[[str], None] = _say) -> dict:
     """A run folder (newest complete checkpoint) or one checkpoint -> HF folder `out_dir`.
     Returns the report (also saved as out_dir/moetrain_export.json)."""
-    from moetrain.export.reader import build_trained_model, final_stage, read_state_dict, resolve_checkpoint
-    from moetrain.train.checkpoint import read_client_state
+    from moetrain import checkpoint as ckpt
 
     _check_args(out_dir, dtype, shard_size)
-    ckpt_dir = resolve_checkpoint(checkpoint)
-    client = read_client_state(ckpt_dir)
+    ckpt_dir = ckpt.resolve_checkpoint(checkpoint)
+    client = ckpt.read_client_state(ckpt_dir)
     tok = find_tokenizer(client["config"]["data"]["dir"], tokenizer)  # before the (slow) weights
     log(f"reading {ckpt_dir}")
-    sd, cfg = read_state_dict(ckpt_dir)
-    model = build_trained_model(sd, cfg, client)
-    del sd
-    attn = final_stage(cfg, client)[2]
-    return export_model(model, cfg.model, attn, out_dir, tokenizer_path=tok, dtype=dtype, shard_size=shard_size,
-                        verify=verify, allow_approx=allow_approx, source=ckpt_dir, log=log)
+    model = ckpt.load_model(ckpt_dir)  # fp32, CPU, the last stage's RoPE/attention
+    cfg = config_from_dict(client["config"])
+    return export_model(model, cfg.model, ckpt.stage_of(cfg, client).attention, out_dir, tokenizer_path=tok,
+                        dtype=dtype, shard_size=shard_size, verify=verify, allow_approx=allow_approx,
+                        source=ckpt_dir, log=log)
 
 
 def export_model(model, mcfg: ModelConfig, attn: AttentionConfig, out_dir: str, *, tokenizer_path: str,

@@ -79,7 +79,7 @@ def read_hf(hf_dir: str) -> tuple[dict, ModelConfig]:
 def import_hf(hf_dir: str, verify: bool = False):
     """(our model in fp32/CPU/eval, its ModelConfig). With verify, runs the export
     checks the other way round and attaches the numbers as model.import_check."""
-    from moetrain.export.reader import model_from_state_dict
+    from moetrain.checkpoint import model_from_state_dict
     sd, mcfg = read_hf(hf_dir)
     model = model_from_state_dict(mcfg, sd)
     if verify:
@@ -127,7 +127,7 @@ def init_from(model, path: str) -> None:
     if os.path.isfile(os.path.join(path, "config.json")):
         sd, have = read_hf(path)
     else:
-        from moetrain.export.reader import read_state_dict, resolve_checkpoint
+        from moetrain.checkpoint import read_state_dict, resolve_checkpoint
         sd, cfg = read_state_dict(resolve_checkpoint(path))
         have = cfg.model
     check_compatible(model.cfg, have, path)

@@ -7,11 +7,13 @@ sorted by expert.
 The per-expert loop (`experts_loop`) is the reference; `experts_grouped`
 (assignments sorted by expert, one grouped matmul over contiguous expert
 segments) is the fast path with the same signature. Both read dropped slots
-as expert id -1 (capacity mode). Expert parallelism swaps `MoE.experts_fn`
-for an all-to-all dispatcher from outside (moetrain/parallel/expert_parallel.py).
+as expert id -1 (capacity mode). How the experts run is the layer's one
+extension point: a `Dispatcher` (local by default; parallel code hands in
+e.g. the expert-parallel all-to-all through `MoE.set_dispatcher`).
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -268,13 +270,40 @@ def experts_grouped(experts: Experts, x_Td, weights_TK, experts_TK):
 EXPERT_PATHS = {"loop": experts_loop, "grouped": experts_grouped}
 
 
+# --------------------------------------------------------------------------- dispatch
+class Dispatcher(abc.ABC):
+    """How an MoE layer runs its experts, and over which tokens its balancing
+    counts are taken. Subclasses: LocalDispatcher here; the expert-parallel
+    all-to-all and the global-batch count reduction in moetrain/parallel/."""
+
+    @abc.abstractmethod
+    def run_experts(self, experts: Experts, x_Td, weights_TK, experts_TK):
+        """y_Td = sum over slots k of weights_TK[:, k] * expert experts_TK[:, k](x_Td);
+        slots with expert -1 (dropped) contribute nothing. Same signature as experts_grouped."""
+
+    def reduce_counts(self, counts_E: torch.Tensor) -> Optional[torch.Tensor]:
+        """Expert counts to balance over (e.g. summed over ranks), or None: this micro-batch's own."""
+        return None
+
+
+class LocalDispatcher(Dispatcher):
+    """Every expert on this rank: one of EXPERT_PATHS (experts_loop / experts_grouped)."""
+
+    def __init__(self, path: Callable = experts_grouped):
+        self.path = path
+
+    def run_experts(self, experts: Experts, x_Td, weights_TK, experts_TK):
+        return self.path(experts, x_Td, weights_TK, experts_TK)
+
+
 # --------------------------------------------------------------------------- layer
 class MoE(nn.Module):
     """Routed SwiGLU experts (+ optional shared experts). forward returns
     (y, aux_loss); `last_stats` keeps detached router stats for health metrics
-    and the aux-loss-free bias update."""
+    and the aux-loss-free bias update. `dispatcher` defaults to the local path
+    named by model.moe.experts_backend."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, dispatcher: Optional[Dispatcher] = None):
         super().__init__()
         m = cfg.moe
         d, f = cfg.hidden_size, m.intermediate_size or cfg.intermediate_size
@@ -289,10 +318,15 @@ class MoE(nn.Module):
             self.shared_experts = SwiGLU(d, m.shared_expert_intermediate_size or m.n_shared_experts * f)
             if m.shared_expert_gate:
                 self.shared_gate = nn.Linear(d, 1, bias=False)
-        self.experts_fn: Callable = EXPERT_PATHS[m.experts_backend]
-        # Global-batch balancing: parallel code sets this to a sum of counts over data-parallel ranks.
-        self.count_reducer: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self.dispatcher: Dispatcher = (dispatcher if dispatcher is not None
+                                       else LocalDispatcher(EXPERT_PATHS[m.experts_backend]))
         self.last_stats: dict = {}
+
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """THE extension point for parallelism: replace how this layer runs its experts
+        and reduces its balancing counts (expert parallelism, global-batch balancing).
+        Read `self.dispatcher` first to wrap the current one instead of replacing it."""
+        self.dispatcher = dispatcher
 
     def forward(self, x_BSd, cu_seqlens: Optional[torch.Tensor] = None):
         """x [B, S, d] (or [T, d], one sequence); cu_seqlens marks packed documents (B == 1),
@@ -303,7 +337,7 @@ class MoE(nn.Module):
         if self.capacity_factor is not None:
             cap = expert_capacity(x_Td.shape[0], self.top_k, self.n_experts, self.capacity_factor)
             experts_TK = apply_capacity(r.weights_TK, experts_TK, self.n_experts, cap)
-        y = self.experts_fn(self.experts, x_Td, r.weights_TK, experts_TK)
+        y = self.dispatcher.run_experts(self.experts, x_Td, r.weights_TK, experts_TK)
         if self.shared_experts is not None:
             shared = self.shared_experts(x_Td)
             y = y + (torch.sigmoid(self.shared_gate(x_Td)) * shared if self.shared_gate is not None else shared)
@@ -312,7 +346,7 @@ class MoE(nn.Module):
 
     def _balancing(self, r: Routing, kept_TK, B: int, cu_seqlens: Optional[torch.Tensor]):
         counts = torch.bincount(r.experts_TK.flatten(), minlength=self.n_experts)  # routed choices, pre-drop
-        global_counts = self.count_reducer(counts) if self.count_reducer is not None else None
+        global_counts = self.dispatcher.reduce_counts(counts)
         lb = load_balancing_loss(r.probs_TE, r.experts_TK, global_counts)
         z = router_z_loss(r.logits_TE)
         aux = self.aux_coef * lb + self.z_coef * z

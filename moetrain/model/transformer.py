@@ -31,11 +31,6 @@ class ModelOutput:
     moe_stats: list = field(default_factory=list)  # per MoE layer: detached router stats
 
 
-def _numel(p: torch.Tensor) -> int:
-    """Full element count, also of a ZeRO-3 partitioned parameter (`ds_numel`)."""
-    return getattr(p, "ds_numel", p.numel())
-
-
 def is_moe_layer(cfg: ModelConfig, layer_idx: int) -> bool:
     return cfg.moe.n_experts > 0 and layer_idx >= cfg.moe.first_k_dense
 
@@ -138,24 +133,26 @@ class MoETransformer(nn.Module):
 
     # ------------------------------------------------------------------ accounting
     def param_counts(self) -> dict:
-        """Total and active (per-token) parameter counts of the whole model,
-        embeddings included; under expert parallelism the local expert slice
-        is scaled up to all experts."""
-        total = active = sum(_numel(p) for p in self.parameters())
+        """Total and active (per-token) parameter counts of the whole model, and the
+        embedding's share of both; under expert parallelism the local expert slice
+        is scaled up to all experts. Counts the parameters as they are: call it on
+        the plain model, before anything (ZeRO-3) partitions them."""
+        total = active = sum(p.numel() for p in self.parameters())
         m = self.cfg.moe
         for layer in self.layers:
             if layer.is_moe:
                 ex = layer.mlp.experts
-                local = sum(_numel(p) for p in ex.parameters())
-                full = local * ex.n_global // getattr(ex.gate_EFd, "ds_shape", ex.gate_EFd.shape)[0]
+                local = sum(p.numel() for p in ex.parameters())
+                full = local * ex.n_global // ex.n_local
                 total += full - local
                 active += full * m.top_k // m.n_experts - local
-        return {"total": total, "active": active}
+        return {"total": total, "active": active, "embedding": self.embed.weight.numel()}
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, counts: Optional[dict] = None) -> float:
         """Training FLOPs/token: 6 x active non-embedding params (+ LM head) plus
-        causal attention 6 * L * S * Hq * D (PaLM appendix B, halved for causality)."""
-        c = self.param_counts()
-        active = c["active"] - _numel(self.embed.weight)
+        causal attention 6 * L * S * Hq * D (PaLM appendix B, halved for causality).
+        `counts`: param_counts() taken earlier, e.g. before ZeRO-3 partitioned the model."""
+        c = counts if counts is not None else self.param_counts()
+        active = c["active"] - c["embedding"]
         attn = 6 * self.cfg.n_layers * seq_len * self.cfg.n_heads * head_dim(self.cfg)
         return 6 * active + attn

@@ -13,7 +13,8 @@ import socket
 import torch
 
 from moetrain.config import TrainConfig
-from moetrain.parallel.expert_parallel import attach_expert_checkpointing, moe_param_groups, prepare_moe
+from moetrain.parallel.expert_parallel import moe_param_groups
+from moetrain.parallel.parallelize import Parallelism
 
 
 def _free_port() -> int:
@@ -140,19 +141,13 @@ def _muon_config(model: torch.nn.Module, cfg: TrainConfig) -> dict:
                                        "betas": list(o.betas), "eps": o.eps}}
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world: int, micro_batch_size: int,
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, parallelism: Parallelism, micro_batch_size: int,
                  grad_accum_steps: int):
+    """deepspeed.initialize on a model that parallelize() has already prepared.
+    Expert shards are saved and loaded by moetrain.checkpoint, not by the engine."""
     import deepspeed
 
-    ep_groups = prepare_moe(model, cfg)  # MoE (issue 3): shard experts over EP ranks, global-batch balancing
-    ds_config = derive_deepspeed_config(cfg, dp_world, micro_batch_size, grad_accum_steps)
-    if cfg.deepspeed.zero_stage == 3:
-        # An MoE layer touches its experts' stacked weights outside their own
-        # module's forward; make ZeRO-3 gather the whole MoE block at once.
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from moetrain.model.moe import MoE
-        set_z3_leaf_modules(model, [MoE])
+    ds_config = derive_deepspeed_config(cfg, parallelism.dims.dp, micro_batch_size, grad_accum_steps)
     if cfg.optim.name == "muon":
         ds_config["optimizer"] = _muon_config(model, cfg)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(
@@ -160,7 +155,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, dp_world: int, micro_
     else:
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
                                                config=ds_config)
-    attach_expert_checkpointing(engine, ep_groups)  # MoE (issue 3): each EP rank saves/loads its experts
     return engine
 
 

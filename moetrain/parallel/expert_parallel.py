@@ -10,22 +10,21 @@ and everything else stay replicated on all ranks.
 
 Forward: tokens are routed on their own rank, sorted by global expert, and
 sent to the expert's owner with an uneven all-to-all; results come back the
-same way (both directions differentiable). DeepSpeed learns about the expert
-parameters through `allreduce=False` / `group_name` tags and a parameter-less
-`deepspeed.moe.layer.MoE` marker, so ZeRO-1/2 and the plain engine reduce
-expert gradients only across EDP replicas.
+same way (both directions differentiable). Each MoE layer gets this as its
+dispatcher (MoE.set_dispatcher), not by patching. DeepSpeed learns about the
+expert parameters through `allreduce=False` / `group_name` tags and a
+parameter-less `deepspeed.moe.layer.MoE` marker, so ZeRO-1/2 and the plain
+engine reduce expert gradients only across EDP replicas.
 
 Checkpoints: DeepSpeed writes the model file from rank 0 only, which would
 keep rank 0's experts, so every EP rank also writes its slice next to it
-(`experts_ep{r}.pt`, see save_expert_shards); `gather_expert_state_dict`
-rebuilds full stacked tensors for export.
+(moetrain/checkpoint/experts.py).
 
 Legend: T tokens, K top-k, E global experts, El local experts, P ep_size,
 S permuted rows (sent), R rows received from the EP group, d width.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,7 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moetrain.kernels import moe_permute
-from moetrain.model.moe import Experts, grouped_swiglu, moe_layers, sort_by_expert
+from moetrain.model.moe import Dispatcher, Experts, grouped_swiglu, moe_layers, sort_by_expert
 
 EXPERT_PARAMS = ("gate_EFd", "up_EFd", "down_EdF")  # stacked along dim 0 (the expert dim)
 MARKER_NAME = "ds_moe_marker"
@@ -94,13 +93,13 @@ def all_to_all(x, out_splits: list, in_splits: list, group):
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-class AllToAllExperts:
-    """`MoE.experts_fn` under expert parallelism (same signature as experts_grouped)."""
+class AllToAllExperts(Dispatcher):
+    """The MoE dispatcher under expert parallelism: tokens travel to their experts' rank."""
 
     def __init__(self, groups: EPGroups):
         self.groups = groups
 
-    def __call__(self, experts: Experts, x_Td, weights_TK, experts_TK):
+    def run_experts(self, experts: Experts, x_Td, weights_TK, experts_TK):
         P, El, group = self.groups.ep_size, experts.n_local, self.groups.ep_group
         src_S, pos_TK, counts_E = sort_by_expert(experts_TK, experts.n_global)
         x_Sd = moe_permute.permute(x_Td, src_S, pos_TK, backend=experts.permute_backend)
@@ -124,7 +123,9 @@ class AllToAllExperts:
 # --------------------------------------------------------------------------- applying EP
 def _shard_experts(experts: Experts, groups: EPGroups) -> None:
     """Keep only this rank's contiguous slice of every stacked expert weight and
-    tag it for DeepSpeed (allreduce=False + group_name = expert parameter)."""
+    tag it. The tags (allreduce=False + group_name) are DeepSpeed's own protocol
+    for expert parameters: its engine and ZeRO read them to reduce these grads
+    over the EDP group only; is_expert_param reads the same tag."""
     El = experts.n_global // groups.ep_size
     first = groups.ep_rank * El
     for name in EXPERT_PARAMS:
@@ -136,18 +137,17 @@ def _shard_experts(experts: Experts, groups: EPGroups) -> None:
 
 
 def apply_expert_parallel(model: nn.Module, ep_size: int, use_deepspeed: bool = False) -> Optional[EPGroups]:
-    """Collective; call on the freshly built (identically seeded) model before
-    the optimizer and deepspeed.initialize. ep_size=1 changes nothing."""
+    """Collective; part of parallelize (moetrain/parallel/parallelize.py), on the
+    freshly built, identically seeded model. ep_size=1 changes nothing."""
     if ep_size == 1 or not moe_layers(model):
         return None
     groups = create_ep_groups(ep_size, use_deepspeed)
     dispatcher = AllToAllExperts(groups)
     for moe in moe_layers(model):
         _shard_experts(moe.experts, groups)
-        moe.experts_fn = dispatcher
-    if use_deepspeed:
+        moe.set_dispatcher(dispatcher)
+    if use_deepspeed:  # DeepSpeed's protocol, see _deepspeed_marker; the one thing EP adds to the model
         model.add_module(MARKER_NAME, _deepspeed_marker(moe_layers(model)[0].n_experts, ep_size))
-    model.ep_groups = groups
     return groups
 
 
@@ -175,6 +175,7 @@ def _deepspeed_marker(n_experts: int, ep_size: int) -> nn.Module:
 
 
 def is_expert_param(p: torch.Tensor) -> bool:
+    """An expert-parallel slice (DeepSpeed's tag, see _shard_experts): its grads are not all-reduced over the world."""
     return getattr(p, "allreduce", True) is False
 
 
@@ -190,117 +191,24 @@ def moe_param_groups(param_groups: list) -> list:
 
 
 # --------------------------------------------------------------------------- balancing across ranks
-class SumOverRanks:
-    """MoE.count_reducer for global-batch balancing: expert counts summed over ranks."""
+class GlobalBatchCounts(Dispatcher):
+    """Global-batch balancing around any dispatcher: experts run as `inner` runs
+    them; balancing counts are summed over the ranks of `group`."""
 
-    def __init__(self, group=None):
-        self.group = group
+    def __init__(self, inner: Dispatcher, group=None):
+        self.inner, self.group = inner, group
 
-    def __call__(self, counts: torch.Tensor) -> torch.Tensor:
+    def run_experts(self, experts: Experts, x_Td, weights_TK, experts_TK):
+        return self.inner.run_experts(experts, x_Td, weights_TK, experts_TK)
+
+    def reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
         out = counts.clone()
         dist.all_reduce(out, group=self.group)
         return out
 
 
-def enable_global_batch_balancing(model: nn.Module, group=None) -> None:
+def apply_global_batch_balancing(model: nn.Module, group=None) -> None:
     """Every rank routes its own tokens (also under EP), so the data-parallel
     group for router statistics is the whole world by default."""
     for moe in moe_layers(model):
-        moe.count_reducer = SumOverRanks(group)
-
-
-def prepare_moe(model: nn.Module, cfg, use_deepspeed: bool = True) -> Optional[EPGroups]:
-    """The training hook: EP (cfg.model.moe.ep_size) and global-batch balancing,
-    before the optimizer is built and deepspeed.initialize runs."""
-    m = cfg.model.moe
-    if m.n_experts == 0:
-        return None
-    if not dist.is_initialized():
-        if m.ep_size > 1:
-            raise ValueError(f"model.moe.ep_size={m.ep_size} needs torch.distributed (launch with deepspeed/torchrun)")
-        return None
-    groups = apply_expert_parallel(model, m.ep_size, use_deepspeed)
-    if m.aux_loss_scope == "global_batch" and dist.get_world_size() > 1:
-        enable_global_batch_balancing(model)
-    return groups
-
-
-# --------------------------------------------------------------------------- checkpoints
-def expert_shard_path(ckpt_dir: str, ep_rank: int) -> str:
-    return os.path.join(ckpt_dir, f"experts_ep{ep_rank}.pt")
-
-
-def save_expert_shards(model: nn.Module, ckpt_dir: str, groups: EPGroups) -> None:
-    """Collective. One writer per EP rank (EDP rank 0) stores its expert slices
-    under their usual state-dict names: {"ep_size", "ep_rank", "tensors"}."""
-    if dist.get_rank(group=groups.edp_group) == 0:
-        tensors = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if is_expert_param(p)}
-        os.makedirs(ckpt_dir, exist_ok=True)
-        torch.save({"ep_size": groups.ep_size, "ep_rank": groups.ep_rank, "tensors": tensors},
-                   expert_shard_path(ckpt_dir, groups.ep_rank))
-    dist.barrier()
-
-
-@torch.no_grad()
-def load_expert_shards(model: nn.Module, ckpt_dir: str, groups: EPGroups) -> None:
-    """Copy this rank's expert slices back (DeepSpeed's model file only has rank 0's).
-    Optimizer state and ZeRO fp32 masters come back through DeepSpeed itself."""
-    path = expert_shard_path(ckpt_dir, groups.ep_rank)
-    if not os.path.exists(path):
-        raise ValueError(f"{ckpt_dir} has no {os.path.basename(path)}: it was not written with "
-                         f"model.moe.ep_size={groups.ep_size}; resume with the ep_size it was trained with")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob["ep_size"] != groups.ep_size:
-        raise ValueError(f"{ckpt_dir} holds experts for ep_size={blob['ep_size']}, this run uses "
-                         f"{groups.ep_size}; resume with model.moe.ep_size={blob['ep_size']}")
-    params = dict(model.named_parameters())
-    for name, t in blob["tensors"].items():
-        params[name].copy_(t)
-
-
-def attach_expert_checkpointing(engine, groups: Optional[EPGroups]) -> None:
-    """Make engine.save_checkpoint / load_checkpoint also write / read this EP
-    rank's experts inside the tag folder (so they are in place before our
-    COMPLETE marker is written). No-op without expert parallelism."""
-    if groups is None:
-        return
-    ds_save, ds_load = engine.save_checkpoint, engine.load_checkpoint
-
-    def save_checkpoint(save_dir, tag=None, *args, **kwargs):
-        tag = str(tag if tag is not None else f"global_step{engine.global_steps}")
-        out = ds_save(save_dir, tag, *args, **kwargs)
-        save_expert_shards(engine.module, os.path.join(save_dir, tag), groups)
-        return out
-
-    def load_checkpoint(load_dir, tag=None, *args, **kwargs):
-        out = ds_load(load_dir, tag, *args, **kwargs)
-        if out[0] is not None:
-            if tag is None:
-                with open(os.path.join(load_dir, "latest")) as f:
-                    tag = f.read().strip()
-            load_expert_shards(engine.module, os.path.join(load_dir, str(tag)), groups)
-        return out
-
-    engine.save_checkpoint, engine.load_checkpoint = save_checkpoint, load_checkpoint
-
-
-def gather_expert_state_dict(state_dict: dict, ckpt_dir: str) -> dict:
-    """For export and load_model: `state_dict` (DeepSpeed's model file, which has
-    rank 0's expert slices) with every stacked expert tensor replaced by the full
-    one, concatenated over experts_ep*.pt in EP-rank order. Unchanged when the
-    checkpoint has no expert shards (ep_size 1)."""
-    first = expert_shard_path(ckpt_dir, 0)
-    if not os.path.exists(first):
-        return state_dict
-    P = torch.load(first, map_location="cpu", weights_only=True)["ep_size"]
-    blobs = []
-    for r in range(P):
-        path = expert_shard_path(ckpt_dir, r)
-        if not os.path.exists(path):
-            raise ValueError(f"{ckpt_dir} is missing {os.path.basename(path)} (ep_size={P}); "
-                             "the checkpoint is incomplete")
-        blobs.append(torch.load(path, map_location="cpu", weights_only=True)["tensors"])
-    out = dict(state_dict)
-    for name in blobs[0]:
-        out[name] = torch.cat([b[name] for b in blobs], dim=0)
-    return out
+        moe.set_dispatcher(GlobalBatchCounts(moe.dispatcher, group))

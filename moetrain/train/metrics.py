@@ -1,17 +1,14 @@
-"""Metrics sinks on rank 0: metrics.jsonl, console (tqdm or plain), W&B."""
+"""Metric helpers: peak FLOP/s (the MFU denominator), the W&B mode, and MoE router
+statistics packed as tensors (summed over micro-batches, steps and ranks) with
+the health report computed from them. The sinks are callbacks in sinks.py."""
 from __future__ import annotations
 
-import json
-import math
 import os
-import secrets
 import sys
 import time
 from typing import Optional
 
 import torch
-
-from moetrain.config import TrainConfig, to_dict
 
 # Dense bf16 peak FLOP/s from vendor spec sheets, by substring of the device name.
 _GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
@@ -54,94 +51,18 @@ def wandb_mode(configured: str) -> str:
     return "offline"
 
 
-class MetricsLogger:
-    """Only rank 0 writes; other ranks get a no-op instance."""
-
-    def __init__(self, cfg: TrainConfig, run_dir: str, rank: int, total_steps: int, start_step: int,
-                 wandb_id: Optional[str] = None):
-        self.enabled = rank == 0
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.total, self.bar, self.wandb = total_steps, None, None
-        self.wandb_id = wandb_id
-        self.t0, self.step0 = time.time(), start_step
-        if not self.enabled:
-            return
-        if cfg.logging.console == "tqdm":
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                            file=sys.stderr)
-        self._init_wandb(cfg, run_dir)
-
-    def _init_wandb(self, cfg: TrainConfig, run_dir: str) -> None:
-        mode = wandb_mode(cfg.logging.wandb.mode)
-        if mode == "disabled":
-            return
-        import wandb
-        w = cfg.logging.wandb
-        self.wandb_id = self.wandb_id or secrets.token_hex(4)  # not the global RNG: resume stays exact
-        self.wandb = wandb.init(project=w.project, entity=w.entity, name=w.name or os.path.basename(run_dir),
-                                tags=list(w.tags), config=to_dict(cfg), dir=run_dir, id=self.wandb_id,
-                                resume="allow", mode=mode)
-
-    def log(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.wandb is not None:
-            import wandb
-            flat = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"}
-            # Per-expert token shares: one histogram per layer and step.
-            flat.update({k: wandb.Histogram(v) for k, v in rec.items() if isinstance(v, list) and v})
-            flat["stage"] = rec.get("stage")
-            self.wandb.log(flat, step=rec["step"])
-        self.console(rec)
-
-    def console(self, rec: dict) -> None:
-        done = rec["step"] - self.step0
-        elapsed = time.time() - self.t0
-        eta = elapsed / max(done, 1) * (self.total - rec["step"])
-        gn = "" if rec.get("grad_norm") is None else f"gnorm {rec['grad_norm']:.3f} "
-        line = (f"step {rec['step']}/{self.total} [{rec['stage']}] loss {rec['loss']:.4f} {gn}"
-                f"lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f} mfu {100 * rec['mfu']:.1f}% "
-                f"eta {eta / 60:.1f}m")
-        if self.bar is not None:
-            self.bar.n = rec["step"]
-            self.bar.set_postfix_str(f"loss {rec['loss']:.3f} tok/s {rec['tokens_per_s']:.0f}")
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def event(self, rec: dict) -> None:
-        """Non-step records (stage evals); also to W&B under their own keys."""
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in rec.items() if isinstance(v, (int, float)) and k != "step"},
-                           step=rec["step"])
-        msg = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
-        (self.bar.write if self.bar is not None else print)(msg)
-
-    def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
 # --------------------------------------------------------------------------- MoE router health
 # One forward's router stats per MoE layer, packed as a float64 vector of sums so that
 # micro-batches, ranks and log steps add up: [counts over E experts..., *_ROUTER_SCALARS].
 _ROUTER_SCALARS = ("entropy", "lb_loss", "z_loss", "seq_loss", "dropped", "assignments", "tokens", "forwards")
 
 
-def add_router_stats(acc: Optional[list], moe_stats: list) -> list:
-    """Add one forward's `ModelOutput.moe_stats` to `acc` (None to start); one
-    device-to-host copy for all layers."""
+def add_router_stats(acc: Optional[torch.Tensor], moe_stats: list) -> Optional[torch.Tensor]:
+    """Add one forward's `ModelOutput.moe_stats` to `acc` (None to start): a
+    [layers, E + len(_ROUTER_SCALARS)] float64 tensor on the stats' device
+    (no host copy; None while there are no MoE layers)."""
     if not moe_stats:
-        return acc or []
+        return acc
     dev = moe_stats[0]["counts"].device
     rows = []
     for s in moe_stats:
@@ -149,23 +70,23 @@ def add_router_stats(acc: Optional[list], moe_stats: list) -> list:
         scal = torch.stack([torch.as_tensor(vals.get(k, 0.0), dtype=torch.float64, device=dev).detach()
                             for k in _ROUTER_SCALARS])
         rows.append(torch.cat([s["counts"].detach().to(torch.float64), scal]))
-    new = list(torch.stack(rows).cpu())
-    return new if not acc else [a + b for a, b in zip(acc, new)]
+    new = torch.stack(rows)
+    return new if acc is None else acc + new
 
 
-def reduce_router_stats(acc: list, group=None) -> list:
-    """Sum the packed stats over data-parallel ranks (collective when initialised)."""
+def reduce_router_stats(acc: Optional[torch.Tensor], group=None) -> Optional[torch.Tensor]:
+    """The packed stats summed over data-parallel ranks (collective when initialised)."""
     import torch.distributed as dist
-    if not acc or not dist.is_initialized() or dist.get_world_size(group) == 1:
+    if acc is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return acc
-    stacked = torch.stack(acc)
-    dist.all_reduce(stacked, group=group)
-    return list(stacked)
+    out = acc.clone()
+    dist.all_reduce(out, group=group)
+    return out
 
 
-def router_counts(acc: list) -> list:
-    """Per-layer expert counts out of packed stats (for the aux-loss-free bias update)."""
-    return [v[:-len(_ROUTER_SCALARS)] for v in acc]
+def router_counts(acc: torch.Tensor) -> torch.Tensor:
+    """Per-layer expert counts [layers, E] out of packed stats (for the aux-loss-free bias update)."""
+    return acc[:, :-len(_ROUTER_SCALARS)]
 
 
 def _unpack(v: torch.Tensor) -> dict:
@@ -211,24 +132,27 @@ def router_health(stats_per_layer: list) -> dict:
 
 
 class RouterMonitor:
-    """Router health over a logging window: observe() every optimizer step (stats
-    already summed over ranks), flush() at each log. A layer whose busiest expert
+    """Router health over a logging window: observe() every optimizer step (this
+    rank's stats), flush() at each log (summed over ranks there, once). A layer whose busiest expert
     takes more than `collapse_frac` of the tokens (and at least twice its fair
     share) for `patience` logs in a row triggers a console warning on rank 0."""
 
     def __init__(self, collapse_frac: float = 0.5, patience: int = 3):
         self.collapse_frac, self.patience = collapse_frac, patience
-        self.window: Optional[list] = None
+        self.window: Optional[torch.Tensor] = None
         self.streak: dict = {}
 
-    def observe(self, acc: list) -> None:
-        if acc:
-            self.window = list(acc) if self.window is None else [a + b for a, b in zip(self.window, acc)]
+    def observe(self, acc: Optional[torch.Tensor]) -> None:
+        """Add one step's packed stats (device tensor; stays on the device)."""
+        if acc is not None:
+            self.window = acc.clone() if self.window is None else self.window + acc
 
-    def flush(self) -> dict:
-        if not self.window:
+    def flush(self, group=None) -> dict:
+        """Health over the window, summed over the ranks of `group` first (collective
+        when distributed: every rank calls it); one host copy."""
+        if self.window is None:
             return {}
-        layers = [_unpack(v) for v in self.window]
+        layers = [_unpack(v) for v in reduce_router_stats(self.window, group).cpu()]
         self.window = None
         out = router_health(layers)
         collapsed = [i for i, st in enumerate(layers) if self._collapsed(st)]
@@ -253,7 +177,3 @@ class RouterMonitor:
                   f"{100 * out[f'moe/layer{i}/top_token_frac']:.0f}% of tokens for {self.streak[i]} logs in a row "
                   f"(max/mean {out[f'moe/layer{i}/max_over_mean']:.1f}); raise model.moe.aux_loss_coef or "
                   "bias_update_speed, or lower the LR", file=sys.stderr, flush=True)
-
-
-def finite(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")

@@ -26,7 +26,7 @@ def _eval_long():
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_cfg, tmp_path_factory):
-    from moetrain.train.loop import train
+    from moetrain.compose import train
     run = str(tmp_path_factory.mktemp("evalrun"))
     train(tiny_cfg(stages=STAGES, **EVAL), run, resume="never")
     return run
@@ -68,7 +68,7 @@ def test_eval_long_on_run_dir_reproduces_the_stage_end_eval(run_dir, tmp_path):
 
 
 def test_eval_long_on_one_checkpoint_uses_its_config(run_dir, tmp_path):
-    from moetrain.train.checkpoint import newest_complete
+    from moetrain.checkpoint import newest_complete
     path = newest_complete(os.path.join(run_dir, "checkpoints"))
     rc = _eval_long().main(["--model", path, "--depths", "1", "--trials", "1", "--out", str(tmp_path)])
     res = json.load(open(tmp_path / "eval.json"))

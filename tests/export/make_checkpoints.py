@@ -7,7 +7,7 @@ SPEC is NAME:ZERO:EP:ROPE, e.g. mixtral_z3:3:1:yarn or qwen2_z2_ep2:2:2:llama3: 
 architecture flavour comes from NAME (see tiny_config), ROPE is the final stage's
 scaling (stage 1 runs 16 tokens, stage 2 32 tokens extending it by 2x). Each run folder gets
 config.yaml and checkpoints/step_00000002/ written through the engine exactly as
-moetrain.train.loop does (build_engine -> a few optimizer steps -> checkpoint.save),
+the trainer does (parallelize -> build_engine -> a few optimizer steps -> checkpoint.save),
 plus reference.pt: the engine's own logits on a fixed batch (every rank runs the
 forward, as ZeRO-3 and expert parallelism need) so the test can check that
 consolidation reproduces the trained model, not just some model.
@@ -32,9 +32,10 @@ def write_run(out: str, data_dir: str, spec: str, rank: int, world: int) -> None
 
     from moetrain.config import dump_yaml, to_dict
     from moetrain.model import build_model
+    from moetrain.parallel import ParallelDims, parallelize
     from moetrain.parallel.engine import build_engine
-    from moetrain.train import checkpoint as ckpt
-    from moetrain.train.loop import resolve_config
+    from moetrain import checkpoint as ckpt
+    from moetrain.train.trainer import resolve_config
     from moetrain.train.schedule import plan_stages
 
     name, zero, ep, rope = spec.split(":")
@@ -46,7 +47,8 @@ def write_run(out: str, data_dir: str, spec: str, rank: int, world: int) -> None
     rope = dataclasses.replace(plan.rope, original_max_position_embeddings=plan.original_max_position_embeddings)
     model.set_rope(rope, plan.seq_len)
     model.set_attention(plan.attention)
-    engine = build_engine(model, cfg, world, 2, 1)
+    par = parallelize(model, ParallelDims.from_config(cfg, world, rank), cfg)
+    engine = build_engine(model, cfg, par, 2, 1)
     g = torch.Generator().manual_seed(100 + rank)
     for _ in range(2):
         ids = torch.randint(3, 384, (2, plan.seq_len + 1), generator=g)
@@ -63,7 +65,7 @@ def write_run(out: str, data_dir: str, spec: str, rank: int, world: int) -> None
         with open(os.path.join(run, "config.yaml"), "w") as f:
             f.write(dump_yaml(cfg))
         torch.save({"logits": logits}, os.path.join(run, "reference.pt"))
-    ckpt.save(engine, os.path.join(run, "checkpoints"), 2, client, {"loader": None}, rank, 1)
+    ckpt.save(engine, os.path.join(run, "checkpoints"), 2, client, {"loader": None}, rank, 1, par.ep_groups)
 
 
 def main(argv) -> None:

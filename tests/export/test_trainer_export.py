@@ -8,7 +8,7 @@ import sys
 import pytest
 from export_helpers import ROOT, tiny_config
 
-from moetrain.export.reader import final_stage
+from moetrain.checkpoint import final_stage
 
 
 def _train_with_export(tmp_path, data_dir, launcher):

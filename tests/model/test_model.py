@@ -64,17 +64,24 @@ def test_grouped_equals_loop_reference(T, E, K):
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(T, 32, requires_grad=True)
     outs = []
-    for fn in (experts_loop, experts_grouped):
-        moe.zero_grad()
-        x.grad = None
-        r = moe.router(x)
-        y = fn(moe.experts, x, r.weights_TK, r.experts_TK)
-        (y * torch.linspace(-1, 1, 32)).sum().backward()
-        outs.append((y.detach(), x.grad.clone(), [p.grad.clone() for p in moe.parameters()]))
+    for mod, inp, fn in ((moe, x, experts_loop), (moe, x, experts_grouped),
+                         (copy.deepcopy(moe).double(), x.detach().double().requires_grad_(), experts_loop)):
+        mod.zero_grad()
+        inp.grad = None
+        r = mod.router(inp)
+        y = fn(mod.experts, inp, r.weights_TK, r.experts_TK)
+        (y * torch.linspace(-1, 1, 32, dtype=y.dtype)).sum().backward()
+        outs.append((y.detach(), inp.grad.clone(), [p.grad.clone() for p in mod.parameters()]))
     torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-6)
-    for a, b in zip(outs[0][2], outs[1][2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # Parameter gradients sum over all T*K assignments, and the two paths run different fp32
+    # GEMM kernels (torch._grouped_mm vs per-expert matmuls), whose rounding differs by CPU:
+    # measured against a float64 run of the reference, the grouped path must be as accurate
+    # as the fp32 reference itself (the criterion of FlashAttention's tests), or within 1e-6.
+    for loop, grouped, exact in zip(outs[0][2], outs[1][2], outs[2][2]):
+        err_loop = (loop.double() - exact).abs().max().item()
+        err_grouped = (grouped.double() - exact).abs().max().item()
+        assert err_grouped <= max(2 * err_loop, 1e-6), (err_grouped, err_loop)
 
 
 @pytest.mark.parametrize("T,chunk", [(1, 4), (100, 7), (257, 64), (64, 1024)])

@@ -59,14 +59,18 @@ def _grads_ep(model, groups, world):
         p.grad /= world
 
 
-class _FixedCounts:
-    """Reference stand-in for SumOverRanks: the global-batch counts, precomputed."""
+def _fixed_counts(inner, counts):
+    """Reference stand-in for GlobalBatchCounts: the global-batch counts, precomputed."""
+    from moetrain.model.moe import Dispatcher
 
-    def __init__(self, counts):
-        self.counts = counts
+    class FixedCounts(Dispatcher):
+        def run_experts(self, *args):
+            return inner.run_experts(*args)
 
-    def __call__(self, local):
-        return self.counts
+        def reduce_counts(self, local):
+            return counts
+
+    return FixedCounts()
 
 
 def _global_counts(ref, ids, world):
@@ -78,20 +82,21 @@ def _global_counts(ref, ids, world):
 def _one_equivalence(rank: int, world: int, ep: int, moe_kw: dict) -> None:
     from moetrain.model import build_model
     from moetrain.model.moe import moe_layers
-    from moetrain.parallel.expert_parallel import apply_expert_parallel, enable_global_batch_balancing
+    from moetrain.parallel import ParallelDims, parallelize
     moe_kw = dict(moe_kw)
     ckpt = moe_kw.pop("activation_checkpointing", False)
-    cfg = tiny_cfg(**moe_kw)
+    cfg = tiny_cfg(ep_size=ep, **moe_kw)
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ref = copy.deepcopy(model)
     model.activation_checkpointing = ckpt  # recompute (and re-dispatch) each block in backward
-    groups = apply_expert_parallel(model, ep)
+    par = parallelize(model, ParallelDims.from_config(cfg, world, rank), cfg, use_deepspeed=False)
+    groups = par.ep_groups
+    assert groups is None or (groups.ep_size, groups.ep_rank) == (par.dims.ep, par.dims.ep_rank)
     ids = global_batch(world)
-    if cfg.model.moe.aux_loss_scope == "global_batch":
-        enable_global_batch_balancing(model)
+    if cfg.model.moe.aux_loss_scope == "global_batch":  # parallelize summed the model's counts over ranks
         for layer, counts in zip(moe_layers(ref), _global_counts(ref, ids, world)):
-            layer.count_reducer = _FixedCounts(counts)
+            layer.set_dispatcher(_fixed_counts(layer.dispatcher, counts))
     # Reference: EP=1 data parallel over the same ranks = mean over all micro-batches, in one process.
     ref_losses = []
     for r in range(world):
@@ -124,11 +129,14 @@ def ep_equivalence(rank: int, world: int, cases: list) -> None:
 
 # --------------------------------------------------------------------------- DeepSpeed EP
 def _engine(cfg, world, seed=0):
+    """(engine, Parallelism), as the trainer builds them."""
     from moetrain.model import build_model
+    from moetrain.parallel import ParallelDims, parallelize
     from moetrain.parallel.engine import build_engine
     torch.manual_seed(seed)
     model = build_model(cfg.model)
-    return build_engine(model, cfg, world, B, 1)
+    par = parallelize(model, ParallelDims.from_config(cfg, world, dist.get_rank()), cfg)
+    return build_engine(model, cfg, par, B, 1), par
 
 
 def _step(engine, ids, rank):
@@ -139,14 +147,14 @@ def _step(engine, ids, rank):
     return float(out.loss.detach())
 
 
-def _full_experts(engine, ep):
+def _full_experts(engine, par):
     """Every expert tensor, gathered over the EP group (a test-only helper)."""
     from moetrain.parallel.expert_parallel import is_expert_param
-    out = {}
+    ep, out = par.dims.ep, {}
     for name, p in engine.module.named_parameters():
         if ep > 1 and is_expert_param(p):
             parts = [torch.empty_like(p) for _ in range(ep)]
-            dist.all_gather(parts, p.detach().contiguous(), group=engine.module.ep_groups.ep_group)
+            dist.all_gather(parts, p.detach().contiguous(), group=par.ep_group)
             out[name] = torch.cat(parts)
         else:
             out[name] = p.detach().clone()
@@ -154,35 +162,36 @@ def _full_experts(engine, ep):
 
 
 def _deepspeed_case(rank: int, world: int, ep: int, zero_stage: int, ckpt_root: str) -> None:
-    from moetrain.train import checkpoint as ckpt
+    from moetrain import checkpoint as ckpt
     cfg1, cfg_ep = tiny_cfg(), tiny_cfg(ep_size=ep)
     for c in (cfg1, cfg_ep):
         c.deepspeed.zero_stage = zero_stage
-    ref, eng = _engine(cfg1, world), _engine(cfg_ep, world)
+    (ref, par_ref), (eng, par) = _engine(cfg1, world), _engine(cfg_ep, world)
     for step in range(2):
         ids = global_batch(world, step)
         l_ref, l_ep = _step(ref, ids, rank), _step(eng, ids, rank)
         assert abs(l_ref - l_ep) < 1e-5, (zero_stage, step, l_ref, l_ep)
-    p_ref, p_ep = _full_experts(ref, 1), _full_experts(eng, ep)
+    p_ref, p_ep = _full_experts(ref, par_ref), _full_experts(eng, par)
     for name in p_ref:
         torch.testing.assert_close(p_ep[name], p_ref[name], rtol=1e-4, atol=1e-6, msg=f"{name} after 2 steps")
-    path = ckpt.save(eng, ckpt_root, 2, {"world_size": world, "step": 2}, {}, rank, keep_last=2)
-    saved = _full_experts(eng, ep)
+    path = ckpt.save(eng, ckpt_root, 2, {"world_size": world, "step": 2}, {}, rank, keep_last=2,
+                     ep_groups=par.ep_groups)
+    saved = _full_experts(eng, par)
     ids = global_batch(world, 2)
-    after_one_more = (_step(eng, ids, rank), _full_experts(eng, ep))
-    fresh = _engine(cfg_ep, world, seed=1)  # different init: everything must come from the checkpoint
-    ckpt.load(fresh, path, rank, world)
-    restored = _full_experts(fresh, ep)
+    after_one_more = (_step(eng, ids, rank), _full_experts(eng, par))
+    fresh, par_fresh = _engine(cfg_ep, world, seed=1)  # different init: everything must come from the checkpoint
+    ckpt.load(fresh, path, rank, world, ep_groups=par_fresh.ep_groups)
+    restored = _full_experts(fresh, par_fresh)
     for name in saved:
         assert torch.equal(restored[name], saved[name]), f"ZeRO-{zero_stage}: {name} not restored exactly"
     loss = _step(fresh, ids, rank)
     assert loss == after_one_more[0], (zero_stage, loss, after_one_more[0])
-    for name, t in _full_experts(fresh, ep).items():  # same next step => same optimizer state
+    for name, t in _full_experts(fresh, par_fresh).items():  # same next step => same optimizer state
         assert torch.equal(t, after_one_more[1][name]), f"ZeRO-{zero_stage}: {name} differs a step after resume"
     if rank == 0:  # the exporter's view: every expert, gathered from the shards
-        from moetrain.parallel.expert_parallel import gather_expert_state_dict
+        from moetrain.checkpoint import gather_expert_state_dict
         model_file = torch.load(os.path.join(path, "mp_rank_00_model_states.pt"), map_location="cpu",
-                                weights_only=False)["module"]
+                                weights_only=True)["module"]
         full = gather_expert_state_dict(model_file, path)
         for name, t in saved.items():
             assert torch.equal(full[name], t), f"export gather: {name}"

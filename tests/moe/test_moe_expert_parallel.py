@@ -51,15 +51,15 @@ def test_ep_without_enough_processes_is_refused():
     import torch.distributed as dist
 
     from moetrain.model import build_model
-    from moetrain.parallel.expert_parallel import prepare_moe
+    from moetrain.parallel import ParallelDims, parallelize
     cfg = workers.tiny_cfg(ep_size=2)
     expected = "needs a multiple of 2 processes" if dist.is_initialized() else "needs torch.distributed"
     with pytest.raises(ValueError, match=expected):
-        prepare_moe(build_model(cfg.model), cfg)
+        parallelize(build_model(cfg.model), ParallelDims.from_config(cfg), cfg)
 
 
 def test_gather_expert_state_dict_concatenates_in_rank_order(tmp_path):
-    from moetrain.parallel.expert_parallel import expert_shard_path, gather_expert_state_dict
+    from moetrain.checkpoint import expert_shard_path, gather_expert_state_dict
     full = torch.arange(4 * 3 * 2, dtype=torch.float32).view(4, 3, 2)
     for r in range(2):
         torch.save({"ep_size": 2, "ep_rank": r, "tensors": {"layers.1.mlp.experts.gate_EFd": full[2 * r:2 * r + 2]}},

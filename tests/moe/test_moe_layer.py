@@ -6,8 +6,8 @@ import torch
 
 import moetrain.model.moe as moe_mod
 from moetrain.config import config_from_dict
-from moetrain.model.moe import (MoE, apply_capacity, experts_grouped, experts_loop, load_balancing_loss,
-                                sequence_balancing_loss, sequence_ids)
+from moetrain.model.moe import (LocalDispatcher, MoE, apply_capacity, experts_grouped, experts_loop,
+                                load_balancing_loss, sequence_balancing_loss, sequence_ids)
 
 D = 32
 
@@ -27,7 +27,7 @@ def layer(seed=0, **moe) -> MoE:
 def run(mod: MoE, x, fn=None):
     """Output, aux loss and every gradient (input, router, experts, shared) of one forward/backward."""
     if fn is not None:
-        mod.experts_fn = fn
+        mod.set_dispatcher(LocalDispatcher(fn))
     mod.zero_grad()
     x = x.detach().clone().requires_grad_()
     y, aux = mod(x)

@@ -10,7 +10,7 @@ import pytest
 from train_helpers import ROOT, tiny_overrides
 
 from moetrain.config import load_config
-from moetrain.train.loop import train
+from moetrain.compose import train
 
 DEFAULT = os.path.join(ROOT, "configs", "default.yaml")
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
@@ -201,5 +201,5 @@ def test_wandb_offline_run_id_survives_resume(tiny_data, tmp_path, monkeypatch):
 
 
 def ckpt_client(run):
-    from moetrain.train import checkpoint
+    from moetrain import checkpoint
     return checkpoint.read_client_state(checkpoint.newest_complete(os.path.join(run, "checkpoints")))
