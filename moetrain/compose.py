@@ -14,6 +14,7 @@ from moetrain.eval.callback import LongContextEvalCallback
 from moetrain.export.callback import ExportCallback, WarmStartCallback
 from moetrain.train.callback import Callback
 from moetrain.train.callbacks import CheckpointCallback, HeldOutEvalCallback, MoERouterCallback
+from moetrain.train.guards import PreemptionCallback
 from moetrain.train.sinks import ConsoleSink, JsonlSink, WandbSink
 from moetrain.train.trainer import Trainer, TrainState
 
@@ -21,7 +22,8 @@ from moetrain.train.trainer import Trainer, TrainState
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """Order matters only among equal priorities (the sinks: file, W&B, console)."""
     return [WarmStartCallback(), MoERouterCallback(), HeldOutEvalCallback(), LongContextEvalCallback(),
-            CheckpointCallback(), ExportCallback(), JsonlSink(), WandbSink(), ConsoleSink(cfg.logging.console)]
+            CheckpointCallback(), ExportCallback(), JsonlSink(), WandbSink(), ConsoleSink(cfg.logging.console),
+            PreemptionCallback()]
 
 
 def train(cfg: TrainConfig, run_dir: str, resume: str = "auto", overwrite: bool = False,

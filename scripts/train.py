@@ -27,6 +27,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from moetrain.checkpoint import CheckpointSaveError
     from moetrain.config import ConfigError, load_config
     try:
         cfg = load_config(args.config, args.set)
@@ -36,11 +37,29 @@ def main(argv=None) -> int:
             return 0
         from moetrain.compose import train
         run_dir = args.run_dir or os.path.join("runs", cfg.name)
-        train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, local_rank=args.local_rank)
+        state = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, local_rank=args.local_rank)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except CheckpointSaveError as e:  # disk full & co: the previous checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return _report_stop(state)
+
+
+def _report_stop(state) -> int:
+    """0 for a finished or preempted run (a relaunch continues), 1 when a guard stopped it."""
+    if state.stop_reason is None:
+        return 0
+    if _is_rank0():
+        print(f"{state.stop_reason}; checkpoint saved at step {state.step} - run the same command again "
+              "to continue (--resume auto)", file=sys.stderr)
+    return 0 if state.stop_ok else 1
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 if __name__ == "__main__":

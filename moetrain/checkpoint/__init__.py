@@ -15,11 +15,11 @@ from moetrain.checkpoint.experts import (expert_shard_path, gather_expert_state_
                                          save_expert_shards)
 from moetrain.checkpoint.layout import (CLIENT_STATE, MARKER, RunDir, is_complete, list_complete,
                                         newest_complete, resolve_checkpoint, tag_for)
-from moetrain.checkpoint.policy import check_same_model, prepare_run_dir, run_config, truncate_metrics
+from moetrain.checkpoint.policy import check_same_model, checkpoint_problem, prepare_run_dir, run_config, truncate_metrics
 from moetrain.checkpoint.stage import LOADED_BACKEND, apply_stage, final_stage, stage_of, stage_rope
-from moetrain.checkpoint.store import load, prune, read_client_state, save
+from moetrain.checkpoint.store import CheckpointSaveError, load, prune, read_client_state, save
 
-__all__ = ["CLIENT_STATE", "LOADED_BACKEND", "MARKER", "RunDir", "apply_stage", "check_same_model",
+__all__ = ["CLIENT_STATE", "CheckpointSaveError", "checkpoint_problem", "LOADED_BACKEND", "MARKER", "RunDir", "apply_stage", "check_same_model",
            "expert_shard_path", "final_stage", "gather_expert_state_dict", "is_complete", "list_complete",
            "load", "load_expert_shards", "load_model", "model_from_state_dict", "newest_complete",
            "prepare_run_dir", "prune", "read_client_state", "read_state_dict", "resolve_checkpoint",

@@ -11,6 +11,8 @@ RUN_DIR/
     rank{r}_torch_rng.pt   per-rank torch RNG
     experts_ep{r}.pt       expert-parallel rank r's expert slices
     COMPLETE               written last, by rank 0, once every rank finished
+  checkpoints/step_%08d.tmp-<pid>/   a save in progress (renamed to step_%08d once every
+                           rank finished, before COMPLETE is written; never resumed from)
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ EXPORT = "export"
 EVAL = "eval"
 
 TAG_PREFIX = "step_"
+TMP_MARK = ".tmp-"   # tag.tmp-<rank 0 pid>: a save in progress
 MARKER = "COMPLETE"
 CLIENT_STATE = "client_state.json"
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"   # DeepSpeed's module file at ZeRO 0-2 (rank 0 only)
@@ -38,6 +41,14 @@ EXPERT_SHARD_GLOB = "experts_ep*.pt"
 
 def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
+
+
+def tmp_tag_for(step: int, token: int) -> str:
+    return f"{tag_for(step)}{TMP_MARK}{token}"
+
+
+def is_tmp(name: str) -> bool:
+    return TMP_MARK in os.path.basename(name)
 
 
 def rank_state_path(ckpt_dir: str, rank: int) -> str:
@@ -113,7 +124,8 @@ def list_complete(ckpt_root: str) -> list[str]:
     """Complete checkpoint folders under RUN_DIR/checkpoints, oldest first."""
     if not os.path.isdir(ckpt_root):
         return []
-    dirs = [os.path.join(ckpt_root, d) for d in sorted(os.listdir(ckpt_root)) if d.startswith(TAG_PREFIX)]
+    dirs = [os.path.join(ckpt_root, d) for d in sorted(os.listdir(ckpt_root))
+            if d.startswith(TAG_PREFIX) and not is_tmp(d)]
     return [d for d in dirs if is_complete(d)]
 
 

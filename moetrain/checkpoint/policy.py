@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from typing import Optional
 
 from moetrain.checkpoint import layout
@@ -32,11 +33,57 @@ def prepare_run_dir(run_dir: str, resume: str, overwrite: bool, rank: int) -> Op
                     os.remove(path)
         return None
     if resume == "auto":
-        return existing[-1] if existing else None
+        return _newest_loadable(existing, rank)
     if not (os.path.isdir(resume) and layout.is_complete(resume)):
         raise ValueError(f"--resume {resume} is not a complete checkpoint folder (no {layout.MARKER} marker); "
                          f"give {layout.CHECKPOINTS}/<tag> of a run, or --resume auto")
+    problem = checkpoint_problem(resume)
+    if problem:
+        raise ValueError(f"--resume {resume} cannot be loaded: {problem}; pass an older checkpoint")
     return resume
+
+
+def _newest_loadable(complete: list, rank: int) -> Optional[str]:
+    """The newest complete checkpoint that loads; a broken one is skipped with one line.
+    A hostile one (pickled code) is refused outright: ValueError, nothing falls back."""
+    for i in range(len(complete) - 1, -1, -1):
+        problem = checkpoint_problem(complete[i])
+        if not problem:
+            return complete[i]
+        if rank == 0:
+            older = f"falling back to {complete[i - 1]}" if i else "no older one left: starting from scratch"
+            print(f"warning: checkpoint {complete[i]} is unreadable ({problem}); {older}", file=sys.stderr)
+    return None
+
+
+def checkpoint_problem(ckpt_dir: str) -> Optional[str]:
+    """Why a complete checkpoint cannot be resumed (a missing, truncated or unparsable
+    file), or None. Every .pt is opened with torch.load(weights_only=True) (mmap: only
+    the pickled part is read), so a file holding pickled code raises ValueError here,
+    before DeepSpeed (which unpickles fully) ever sees it."""
+    from moetrain.checkpoint.consolidate import _ds_records, _load
+    try:
+        client = read_client_state(ckpt_dir)
+        world = int(client["world_size"])
+        client["step"], client["config"]["model"]  # noqa: B018 - present, or the resume cannot work
+        for r in range(world):
+            with open(layout.rank_state_path(ckpt_dir, r)) as f:
+                json.load(f)["rng"]  # noqa: B018
+            if not os.path.isfile(layout.torch_rng_path(ckpt_dir, r)):
+                return f"{os.path.basename(layout.torch_rng_path(ckpt_dir, r))} is missing"
+        names = os.listdir(ckpt_dir)
+        if layout.DS_MODEL_FILE not in names and not layout.zero_model_files(ckpt_dir):
+            return f"no DeepSpeed model file ({layout.DS_MODEL_FILE} or {layout.ZERO_MODEL_GLOB})"
+        records = _ds_records()
+        for name in sorted(n for n in names if n.endswith(".pt")):
+            _load(os.path.join(ckpt_dir, name), records, mmap=True)
+    except ValueError as e:
+        if "refusing to load" in str(e):
+            raise
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    except (OSError, KeyError, TypeError, RuntimeError, EOFError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None
 
 
 def check_same_model(cfg: TrainConfig, ckpt_dir: str) -> None:

@@ -15,8 +15,8 @@ class ExportCallback(Callback):
 
     def on_train_end(self, trainer) -> None:
         e = trainer.cfg.export
-        if not e.enabled or trainer.rank != 0:
-            return
+        if not e.enabled or trainer.rank != 0 or trainer.stop_reason:
+            return  # a stopped (preempted) run is not finished: the relaunch exports
         from moetrain.export import export_checkpoint
         export_checkpoint(trainer.run_dir, RunDir(trainer.run_dir).export, dtype=e.dtype, shard_size=e.shard_size,
                           verify=e.verify, allow_approx=e.allow_approx)

@@ -14,6 +14,8 @@ a new one can slot in between:
       0  CheckpointCallback  saves last, when every other callback's state is final
     -10  export              after the final checkpoint exists
    -100  metrics sinks       close their files / W&B run last
+   -200  PreemptionCallback  checks for SIGTERM/SIGINT after the periodic save; restores the
+                             signal handlers after the final one
 
 A callback that keeps state returns it from `state_dict()` (JSON-serialisable,
 top-level keys it owns) and gets the checkpoint's client state back in

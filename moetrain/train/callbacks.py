@@ -19,7 +19,7 @@ class CheckpointCallback(Callback):
     priority = 0
 
     def on_train_start(self, trainer) -> None:
-        self.start_step = trainer.state.step
+        self.saved_step = trainer.state.step  # resumed at the end: nothing new to save
 
     def post_step(self, trainer) -> None:
         step = trainer.state.step
@@ -27,13 +27,14 @@ class CheckpointCallback(Callback):
             self.save(trainer)
 
     def on_train_end(self, trainer) -> None:
-        if trainer.state.step > self.start_step:  # nothing new to save when resumed at the end
+        if trainer.state.step > self.saved_step:  # a stop request right after a periodic save
             self.save(trainer)
 
     def save(self, trainer) -> str:
         path = ckpt.save(trainer.engine, ckpt.RunDir(trainer.run_dir).checkpoints, trainer.state.step,
                          trainer.client_state(), trainer.rank_state(), trainer.rank,
                          trainer.cfg.checkpoint.keep_last, trainer.parallel.ep_groups)
+        self.saved_step = trainer.state.step
         trainer.dispatch("on_checkpoint", path)
         return path
 

@@ -37,6 +37,8 @@ class TrainState:
     step_in_stage: int = 0
     tokens: int = 0            # label tokens seen over all ranks (pending ones: Trainer.sync_tokens)
     history: list = field(default_factory=list)  # stage-end records
+    stop_reason: Optional[str] = None  # why request_stop() ended the run (not saved: a relaunch continues)
+    stop_ok: bool = True               # False: a guard stopped a failing run (non-zero exit)
 
     def client_state(self) -> dict:
         return {"step": self.step, "stage": self.stage, "step_in_stage": self.step_in_stage,
@@ -82,7 +84,6 @@ class Trainer:
         self._pending_tokens: Optional[torch.Tensor] = None  # tokens of steps not yet synced
         self._resume_loader_state: Optional[dict] = None
         self.step_seconds = 0.0                     # host time inside train_step, summed
-        self.stop_reason: Optional[str] = None      # set by request_stop()
         self.start_time = time.time()
         self._write_config()
         self._prepare_data()
@@ -239,11 +240,15 @@ class Trainer:
                 s.step_in_stage = 0
 
     # ------------------------------------------------------------------ helpers for callbacks
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, reason: str, ok: bool = True) -> None:
         """End training after the current step's callbacks, as the step cap does:
         on_train_end still runs (final checkpoint), and a later launch continues.
-        Every rank must ask at the same step."""
-        self.stop_reason = reason
+        Every rank must ask at the same step. ok=False: the run failed (exit code 1)."""
+        self.state.stop_reason, self.state.stop_ok = reason, ok
+
+    @property
+    def stop_reason(self) -> Optional[str]:
+        return self.state.stop_reason
 
     def is_log_step(self, step: Optional[int] = None) -> bool:
         step = self.state.step if step is None else step
