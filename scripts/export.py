@@ -25,17 +25,28 @@ def parse_args(argv=None):
     p.add_argument("--allow-approx", action="store_true",
                    help="export the nearest servable form when no architecture is exact, and print the difference")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model to ship (default: the run's data.dir)")
+    p.add_argument("--verify-engine", default=None, choices=["vllm"],
+                   help="also load the export in this serving engine (its venv: scripts/serving_env.sh) and compare "
+                        "prompt log-probabilities and greedy continuations with our model")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from moetrain.export import VerificationFailed, export_checkpoint
+    from moetrain.export.deps import missing_package_line
     try:
+        from moetrain.export import EngineFailed, VerificationFailed, export_checkpoint
         report = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype, shard_size=args.shard_size,
-                                   verify=args.verify, allow_approx=args.allow_approx, tokenizer=args.tokenizer)
+                                   verify=args.verify, allow_approx=args.allow_approx, tokenizer=args.tokenizer,
+                                   verify_engine=args.verify_engine)
+    except ImportError as e:  # a package missing from this venv: name the install, no traceback
+        print(missing_package_line(e), file=sys.stderr)
+        return 2
     except VerificationFailed as e:
         print(f"error: verification failed: {e}", file=sys.stderr)
+        return 1
+    except EngineFailed as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -43,6 +54,8 @@ def main(argv=None) -> int:
     print(f"exported {report['architecture']} ({report['dtype']}) to {args.out}")
     if "verify_line" in report:
         print(f"verify: {report['verify_line']}")
+    if "verify_engine_line" in report:
+        print(f"verify-engine: {report['verify_engine_line']}")
     if "approximation_line" in report:
         print(f"approximation: {'; '.join(report['approximations'])}; differs by {report['approximation_line']}")
     return 0

@@ -85,15 +85,13 @@ def to_hf_state_dict(sd: dict, mcfg: ModelConfig, plan: Plan, dtype: torch.dtype
 
 
 def _qwen2_shared(out: dict, sd: dict, mcfg: ModelConfig, i: int, dtype) -> None:
-    """Qwen2-MoE always has a sigmoid-gated shared expert. Ungated ones become gate
-    weight 0 (sigmoid = 1/2) and down x 2: both factors are powers of two, so the
-    product is bit-exact. No shared experts: width 0 (an empty expert adds 0)."""
+    """Qwen2-MoE's shared expert is sigmoid-gated. Ungated ones become gate weight 0
+    (sigmoid = 1/2) and down x 2: both factors are powers of two, so the product is
+    bit-exact. No shared experts: no tensors at all, with shared_expert_intermediate_size
+    0 in config.json (vLLM then builds no shared expert and refuses any tensor for one;
+    transformers builds an empty one whose output is 0 whatever its gate)."""
     hf, d = f"model.layers.{i}.mlp.", mcfg.hidden_size
-    if not mcfg.moe.n_shared_experts:
-        for p, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
-            out[f"{hf}shared_expert.{p}.weight"] = torch.zeros(shape, dtype=dtype)
-        out[hf + "shared_expert_gate.weight"] = torch.zeros(1, d, dtype=dtype)
-    elif not mcfg.moe.shared_expert_gate:
+    if mcfg.moe.n_shared_experts and not mcfg.moe.shared_expert_gate:
         out[hf + "shared_expert.down_proj.weight"] = _own(sd[f"layers.{i}.mlp.shared_experts.down_proj.weight"] * 2,
                                                           dtype)
         out[hf + "shared_expert_gate.weight"] = torch.zeros(1, d, dtype=dtype)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from moetrain.config import AttentionConfig, ModelConfig, config_from_dict
-from moetrain.export import writer
+from moetrain.export import deps, engine_check, writer
 from moetrain.export.convert import to_hf_state_dict
 from moetrain.export.hf_config import hf_config_dict
 from moetrain.export.targets import ARCHS, apply_approximations, layer_kinds, plan_export
@@ -34,21 +34,24 @@ def _say(msg: str) -> None:
     print(f"[export] {msg}", file=sys.stderr, flush=True)
 
 
-def _check_args(out_dir: str, dtype: str, shard_size) -> int:
+def _check_args(out_dir: str, dtype: str, shard_size, verify_engine: Optional[str] = None) -> int:
     if dtype not in DTYPES:
         raise ValueError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     writer.check_out_dir(out_dir)
+    deps.require(*deps.EXPORT_NEEDS)
+    if verify_engine:
+        engine_check.engine_python(verify_engine)  # a missing engine venv fails before the slow work
     return writer.parse_size(shard_size)
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "fp32", shard_size="5GB", verify: bool = False,
-                      allow_approx: bool = False, tokenizer: Optional[str] = None,
+                      allow_approx: bool = False, tokenizer: Optional[str] = None, verify_engine: Optional[str] = None,
                       log: Callable[[str], None] = _say) -> dict:
     """A run folder (newest complete checkpoint) or one checkpoint -> HF folder `out_dir`.
     Returns the report (also saved as out_dir/moetrain_export.json)."""
     from moetrain import checkpoint as ckpt
 
-    _check_args(out_dir, dtype, shard_size)
+    _check_args(out_dir, dtype, shard_size, verify_engine)
     ckpt_dir = ckpt.resolve_checkpoint(checkpoint)
     client = ckpt.read_client_state(ckpt_dir)
     tok = find_tokenizer(client["config"]["data"]["dir"], tokenizer)  # before the (slow) weights
@@ -57,21 +60,29 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: str = "fp32", sha
     cfg = config_from_dict(client["config"])
     return export_model(model, cfg.model, ckpt.stage_of(cfg, client).attention, out_dir, tokenizer_path=tok,
                         dtype=dtype, shard_size=shard_size, verify=verify, allow_approx=allow_approx,
-                        source=ckpt_dir, log=log)
+                        source=ckpt_dir, verify_engine=verify_engine, prompt_data_dir=client["config"]["data"]["dir"],
+                        log=log)
 
 
 def export_model(model, mcfg: ModelConfig, attn: AttentionConfig, out_dir: str, *, tokenizer_path: str,
                  dtype: str = "fp32", shard_size="5GB", verify: bool = False, allow_approx: bool = False,
-                 source: Optional[str] = None, log: Callable[[str], None] = _say) -> dict:
+                 source: Optional[str] = None, verify_engine: Optional[str] = None,
+                 prompt_data_dir: Optional[str] = None, log: Callable[[str], None] = _say) -> dict:
     """Our model (fp32, CPU, RoPE/attention of its final stage) -> HF folder. The model is
     modified in place (approximations; bf16 rounding for the check), to keep memory at
-    one copy of it plus the reloaded transformers model."""
-    max_bytes = _check_args(out_dir, dtype, shard_size)
+    one copy of it plus the reloaded transformers model. `verify_engine` ("vllm") also runs
+    the export in that engine (engine_check.py), prompts from `prompt_data_dir`'s eval text."""
+    max_bytes = _check_args(out_dir, dtype, shard_size, verify_engine)
     model.eval()
     plan = plan_export(mcfg, attn, model.state_dict(), allow_approx)
+    if verify_engine:
+        engine_check.check_supported(model.rotary.rope.name, plan, mcfg)
     original = copy.deepcopy(model) if not plan.exact else None
     apply_approximations(model, plan, attn)
     log(f"target {ARCHS[plan.arch][1]}" + ("" if plan.exact else f", approximated: {'; '.join(plan.approximations)}"))
+    if len(set(plan.layer_kinds)) > 1:
+        log("note: vLLM 0.32 serves per-layer sliding/full attention as full attention on every layer "
+            "(transformers is exact); see README, Export and serving")
     if model.rotary.rope.name in LENGTH_DEPENDENT_ROPE:
         log(f"note: {model.rotary.rope.name} RoPE changes with the sequence length; KV-cached decoding (transformers, "
             "vLLM) keeps keys rotated for shorter lengths, so served outputs can drift past the original context")
@@ -83,10 +94,19 @@ def export_model(model, mcfg: ModelConfig, attn: AttentionConfig, out_dir: str, 
     if verify or original is not None:
         seq_len = verify_seq_len(attn, layer_kinds(mcfg, attn))  # the trained pattern, before approximations
         report.update(_check(model, original, mcfg, stage, dtype, verify, seq_len, log))
+    if verify_engine and (not verify or report["verify"]["passed"]):
+        res = engine_check.check_engine(round_as_exported_(model, dtype), stage, mcfg.vocab_size,
+                                        model.rotary.rope.max_position_embeddings, dtype, verify_engine,
+                                        prompt_data_dir, log)
+        report.update(verify_engine=res.as_dict(), verify_engine_line=res.line())
+        log(f"verify-engine {'passed' if res.passed else 'FAILED'}: {res.line()}")
     writer.write_json(stage, writer.MARKER, report)
     if verify and not report["verify"]["passed"]:
         raise VerificationFailed(f"the export does not reproduce the model ({report['verify_line']}); "
                                  f"left for inspection in {stage}")
+    if verify_engine and not report["verify_engine"]["passed"]:
+        raise VerificationFailed(f"{verify_engine} does not compute what the model computes "
+                                 f"({report['verify_engine_line']}); left for inspection in {stage}")
     writer.publish(stage, out_dir)
     log(f"wrote {out_dir}")
     return report

@@ -123,6 +123,6 @@ def compare_models(ours, hf_model, vocab_size: int, rope, seq_len: int = 48, gre
 def load_hf(out_dir: str):
     """AutoModelForCausalLM in fp32, no remote code: what a user gets."""
     from transformers import AutoModelForCausalLM
-    with warnings.catch_warnings():  # our Qwen2-MoE exports without shared experts hold an empty one
+    with warnings.catch_warnings():  # transformers builds Qwen2-MoE's shared expert even at width 0
         warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
         return AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, trust_remote_code=False).eval()

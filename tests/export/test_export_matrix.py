@@ -13,6 +13,18 @@ ROPES = ["none", "linear", "yarn", "llama3", "ntk", "dynamic", "longrope"]
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
 
 
+def _tensors(out) -> dict:
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    return {k: v for s in shards for k, v in load_file(os.path.join(out, s)).items()}
+
+
+def _assert_no_placeholders(out):
+    """vLLM refuses any tensor its model does not build (issue 14: empty shared experts)."""
+    empty = sorted(k for k, t in _tensors(out).items() if 0 in t.shape)
+    assert not empty, f"zero-size tensors exported: {empty}"
+
+
 def _export(tmp_path, tokenizer_path, model, mcfg, attn, **kw):
     out = str(tmp_path / "hf")
     report = export_model(model, mcfg, attn, out, tokenizer_path=tokenizer_path, verify=True, log=lambda m: None, **kw)
@@ -32,6 +44,7 @@ def test_every_target_and_rope_passes_verify(tmp_path, tokenizer_path, arch, rop
     assert report["architecture"] == ARCH[arch] and report["exact"]
     assert v["passed"] and v["max_abs_logit_diff"] <= 1e-4 and v["max_kl"] <= 1e-6 and v["greedy_match"]
     assert max(v["position_starts"]) + v["seq_len"] > 32, "must check positions past the trained context"
+    _assert_no_placeholders(out)
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["architectures"] == [ARCH[arch]]
@@ -61,9 +74,21 @@ FEATURES = {
 def test_feature_is_exact(tmp_path, tokenizer_path, feature):
     arch, overrides, want = FEATURES[feature]
     model, mcfg, attn = tiny_model(arch, "yarn", **overrides)
-    _, report = _export(tmp_path, tokenizer_path, model, mcfg, attn)
+    out, report = _export(tmp_path, tokenizer_path, model, mcfg, attn)
     assert report["architecture"] == want + "ForCausalLM" and report["exact"]
     assert report["verify"]["passed"], report["verify_line"]
+    _assert_no_placeholders(out)
+
+
+def test_no_shared_expert_writes_no_shared_tensors(tmp_path, tokenizer_path):
+    """Qwen2-MoE without shared experts: width 0 in config.json and no shared_expert* tensor,
+    which is the form vLLM builds (no shared expert, no gate) and transformers reproduces."""
+    model, mcfg, attn = tiny_model("qwen2", "yarn", moe__n_shared_experts=0)
+    out, report = _export(tmp_path, tokenizer_path, model, mcfg, attn)
+    assert report["verify"]["passed"], report["verify_line"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["shared_expert_intermediate_size"] == 0
+    assert not [k for k in _tensors(out) if "shared_expert" in k]
 
 
 def test_bf16_export_and_sharding(tmp_path, tokenizer_path):
