@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+
 import torch
 import torch.distributed as dist
 
