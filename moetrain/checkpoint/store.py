@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from moetrain.checkpoint import layout
-from moetrain.parallel.dims import barrier
 from moetrain.checkpoint.experts import load_expert_shards, save_expert_shards
+from moetrain.parallel.dims import barrier
 
 if TYPE_CHECKING:
     from moetrain.parallel.expert_parallel import EPGroups
