@@ -228,13 +228,19 @@ class TrainSection:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """adamw | muon."""
+    """adamw | muon (Moonlight recipe, moetrain.optim; needs deepspeed.zero_stage=0)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
     schedule: str = "cosine"
-    """cosine | linear | constant (after warmup), per stage."""
+    """cosine | linear | constant | wsd (after warmup), per stage."""
+    decay_fraction: float = 0.2
+    """wsd: the last fraction of each stage's steps that decays (the rest after warmup is flat)."""
+    decay_shape: str = "linear"
+    """wsd: shape of the decay to min_lr_ratio x peak: linear | 1-sqrt."""
+    muon_momentum: float = 0.95
+    """muon: Nesterov momentum of the orthogonalised matrices (AdamW parts use betas)."""
     warmup_steps: int = 20
     """Linear warmup steps (per stage, re-warmup)."""
     weight_decay: float = 0.1
@@ -285,6 +291,29 @@ class WandbConfig:
     """Run name; None = the run folder's name."""
     tags: list = field(default_factory=list)
     """Run tags."""
+
+
+@dataclass
+class MemoryConfig:
+    checkpoint: str = "none"
+    """Activation checkpointing (recompute in backward): none | full (whole blocks) |
+    attention (only the attention of a block) | mlp (only its MLP / MoE).
+    model.activation_checkpointing: true still means full."""
+    checkpoint_every: int = 1
+    """Checkpoint blocks 0, n, 2n, ... (1 = every block)."""
+    offload: bool = False
+    """Tensors a block saves for backward go to pinned CPU memory until backward (CUDA
+    only; on CPU they are already in host memory)."""
+    mlp_tile_tokens: int = 0
+    """Run MLPs / experts over tiles of this many tokens, each recomputed in backward
+    (routing and balancing losses still see every token); 0 = off."""
+
+
+@dataclass
+class GuardsConfig:
+    max_nonfinite_steps: int = 3
+    """Stop training (exit code 1) after this many optimizer steps in a row whose loss or
+    gradients held a NaN or Inf; every such step's update is skipped on all ranks."""
 
 
 @dataclass
@@ -366,6 +395,10 @@ class TrainConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Console, metrics.jsonl and W&B."""
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    """Memory tools for long sequences (applied by moetrain.parallel.memory)."""
+    guards: GuardsConfig = field(default_factory=GuardsConfig)
+    """Numerical guards of the fit loop (NaN / Inf steps)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Long-context evaluation at stage ends."""
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -16,10 +16,12 @@ _CHOICES = {
     "data.split": ("train", "eval"),
     "train.precision": ("fp32", "bf16"),
     "optim.name": ("adamw", "muon"),
-    "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "optim.decay_shape": ("linear", "1-sqrt"),
     "deepspeed.offload_optimizer": ("none", "cpu"),
     "deepspeed.offload_param": ("none", "cpu"),
     "logging.console": ("tqdm", "plain"),
+    "memory.checkpoint": ("none", "full", "attention", "mlp"),
     "logging.wandb.mode": ("online", "offline", "disabled"),
     "export.dtype": ("fp32", "bf16"),
 }
@@ -140,9 +142,19 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two numbers in [0, 1)")
     _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
+    _need(0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    _need(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
+    _need(o.name != "muon" or d.zero_stage == 0,
+          f"optim.name=muon needs whole matrices, which ZeRO stage {d.zero_stage} splits into flat partitions: "
+          "set deepspeed.zero_stage=0 (expert parallelism still works) or use optim.name=adamw")
     _need(cfg.checkpoint.every_steps > 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
     _need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
     _need(cfg.logging.every_steps > 0, f"logging.every_steps={cfg.logging.every_steps} must be positive")
+    _need(cfg.memory.checkpoint_every >= 1, f"memory.checkpoint_every={cfg.memory.checkpoint_every} must be >= 1")
+    _need(cfg.memory.mlp_tile_tokens >= 0,
+          f"memory.mlp_tile_tokens={cfg.memory.mlp_tile_tokens} must be >= 0 (0 turns tiling off)")
+    _need(cfg.guards.max_nonfinite_steps > 0, f"guards.max_nonfinite_steps={cfg.guards.max_nonfinite_steps} "
+          "must be positive (the number of NaN/Inf steps in a row that stops training)")
     _need(cfg.data.upsample_factor >= 1, f"data.upsample_factor={cfg.data.upsample_factor} must be >= 1")
 
 

@@ -1,6 +1,6 @@
 """Tensor names and layouts: our state dict <-> transformers checkpoints.
 
-We write (and read) the per-expert layout that published Mixtral / Qwen MoE
+We write (and read) the per-expert layout that published Mixtral / Qwen / GLM MoE
 checkpoints use and serving engines (vLLM) load: `experts.{e}.w1/w3/w2`
 (Mixtral, under `block_sparse_moe`) or `experts.{e}.gate_proj/up_proj/down_proj`
 (Qwen). transformers 5.x fuses them into `gate_up_proj` on load and splits them
@@ -50,7 +50,8 @@ def one_to_one(mcfg: ModelConfig, arch: str) -> list:
             continue
         pairs.append((ours + "mlp.router.gate.weight", f"{hf}{_moe_prefix(arch)}.gate.weight"))
         if mcfg.moe.n_shared_experts:
-            pairs += [(f"{ours}mlp.shared_experts.{p}.weight", f"{hf}mlp.shared_expert.{p}.weight")
+            shared = "shared_experts" if arch == "glm4_moe" else "shared_expert"
+            pairs += [(f"{ours}mlp.shared_experts.{p}.weight", f"{hf}mlp.{shared}.{p}.weight")
                       for p in ("gate_proj", "up_proj", "down_proj")]
             if mcfg.moe.shared_expert_gate:
                 pairs.append((ours + "mlp.shared_gate.weight", hf + "mlp.shared_expert_gate.weight"))
@@ -74,7 +75,11 @@ def to_hf_state_dict(sd: dict, mcfg: ModelConfig, plan: Plan, dtype: torch.dtype
         if not is_moe_layer(mcfg, i):
             continue
         stacks = [sd[f"layers.{i}.mlp.experts.{n}"] for n in _OURS_EXPERTS]
-        if m.routed_scaling_factor != 1.0:  # y = s * sum_k w_k E_k(x): fold s into every down projection
+        if arch == "glm4_moe":  # routed_scaling_factor is in its config; the bias is a tensor of its own
+            bias = sd.get(f"layers.{i}.mlp.router.expert_bias")
+            out[f"{hf}mlp.gate.e_score_correction_bias"] = (_own(bias, torch.float32) if bias is not None
+                                                             else torch.zeros(m.n_experts, dtype=torch.float32))
+        elif m.routed_scaling_factor != 1.0:  # y = s * sum_k w_k E_k(x): fold s into every down projection
             stacks[2] = stacks[2] * m.routed_scaling_factor
         for e in range(m.n_experts):
             for name, stack in zip(_expert_names(arch), stacks):
@@ -136,6 +141,9 @@ def from_hf_state_dict(hf: dict, mcfg: ModelConfig, arch: str) -> tuple[dict, di
             stacks = _hf_expert_stack(hf, f"model.layers.{i}.{_moe_prefix(arch)}", arch, mcfg.moe.n_experts)
             for name, t in zip(_OURS_EXPERTS, stacks):
                 sd[f"layers.{i}.mlp.experts.{name}"] = t.float().contiguous()
+            if arch == "glm4_moe" and mcfg.moe.bias_update_speed > 0:
+                bias = hf[f"model.layers.{i}.mlp.gate.e_score_correction_bias"]
+                sd[f"layers.{i}.mlp.router.expert_bias"] = bias.float()
     return sd, {k: dict.__getitem__(hf, k) for k in sorted(set(hf) - hf.read)}
 
 

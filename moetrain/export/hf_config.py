@@ -29,6 +29,10 @@ def hf_config_dict(mcfg: ModelConfig, rope_hf: dict, plan: Plan, special_ids: di
         **special_ids,
     }
     sliding = [k == "sliding" for k in plan.layer_kinds]
+    if plan.arch == "glm4_moe":
+        c.update(_glm4_fields(mcfg))
+        c["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+        return _full_rotary(c, rope_hf)
     if plan.arch == "mixtral":
         c.update(intermediate_size=f, num_local_experts=m.n_experts, router_jitter_noise=0.0,
                  sliding_window=plan.window if all(sliding) else None)
@@ -45,6 +49,26 @@ def hf_config_dict(mcfg: ModelConfig, rope_hf: dict, plan: Plan, special_ids: di
         c.update(attention_bias=False)
     c["dtype"] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     c.update(rope_hf)  # last (see module docstring)
+    return c
+
+
+def _glm4_fields(mcfg: ModelConfig) -> dict:
+    m = mcfg.moe
+    return dict(intermediate_size=mcfg.intermediate_size, moe_intermediate_size=m.intermediate_size or
+                mcfg.intermediate_size, n_routed_experts=m.n_experts, n_shared_experts=m.n_shared_experts,
+                first_k_dense_replace=m.first_k_dense, n_group=m.n_groups, topk_group=m.topk_groups,
+                norm_topk_prob=bool(m.norm_topk_prob), routed_scaling_factor=float(m.routed_scaling_factor),
+                use_qk_norm=bool(mcfg.qk_norm), attention_bias=False, num_nextn_predict_layers=0)
+
+
+def _full_rotary(c: dict, rope_hf: dict) -> dict:
+    """Glm4Moe readers default partial_rotary_factor to 0.5 (transformers at the top level,
+    vLLM inside rope_parameters); we rotate the whole head, so say 1.0 in every place."""
+    c.update(rope_hf)
+    c["partial_rotary_factor"] = 1.0
+    c["rope_parameters"] = {**c["rope_parameters"], "partial_rotary_factor": 1.0}
+    if c.get("rope_scaling"):
+        c["rope_scaling"] = {**c["rope_scaling"], "partial_rotary_factor": 1.0}
     return c
 
 
@@ -92,6 +116,11 @@ def _attention_from_hf(c, arch: str) -> AttentionConfig:
 
 
 def _moe_from_hf(c, arch: str) -> MoEConfig:
+    if arch == "glm4_moe":  # e_score_correction_bias is read with the tensors (importer.read_hf)
+        return MoEConfig(n_experts=c.n_routed_experts, top_k=c.num_experts_per_tok, router="sigmoid",
+                         norm_topk_prob=bool(c.norm_topk_prob), routed_scaling_factor=float(c.routed_scaling_factor),
+                         n_groups=c.n_group, topk_groups=c.topk_group, intermediate_size=c.moe_intermediate_size,
+                         first_k_dense=c.first_k_dense_replace, n_shared_experts=c.n_shared_experts or 0)
     if arch == "mixtral":
         return MoEConfig(n_experts=c.num_local_experts, top_k=c.num_experts_per_tok, norm_topk_prob=True,
                          intermediate_size=c.intermediate_size)
@@ -118,7 +147,7 @@ def arch_of(c) -> str:
 
 
 def model_config(c) -> ModelConfig:
-    """Our ModelConfig for a transformers Mixtral / Qwen2-MoE / Qwen3-MoE config object."""
+    """Our ModelConfig for a transformers Mixtral / Qwen2-MoE / Qwen3-MoE / Glm4Moe config object."""
     arch = arch_of(c)
     if getattr(c, "hidden_act", "silu") != "silu":
         raise ExportError(f"hidden_act '{c.hidden_act}' is not supported; moetrain experts are SwiGLU (silu)")
@@ -130,6 +159,7 @@ def model_config(c) -> ModelConfig:
         head_dim=None if head_dim * c.num_attention_heads == c.hidden_size else head_dim,
         intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
-        tie_embeddings=bool(c.tie_word_embeddings), qk_norm=arch == "qwen3_moe",
+        tie_embeddings=bool(c.tie_word_embeddings),
+        qk_norm=arch == "qwen3_moe" or (arch == "glm4_moe" and bool(c.use_qk_norm)),
         init_std=getattr(c, "initializer_range", 0.02), moe=moe, attention=_attention_from_hf(c, arch),
         rope=rope_from_hf(getattr(c, "rope_parameters", None), c.max_position_embeddings))

@@ -36,6 +36,9 @@ def _read_tensors(hf_dir: str) -> dict:
     return tensors
 
 
+_DEEPSEEK_V3_BIAS_SPEED = 0.001  # what DeepSeek-V3 used; a warm start keeps balancing the same way
+
+
 def _check_unused(unused: dict) -> None:
     """Tensors the conversion did not take must be ones that change nothing: zero attention
     biases (our own Qwen2-MoE exports write them), an empty shared expert, cached RoPE."""
@@ -44,6 +47,7 @@ def _check_unused(unused: dict) -> None:
             raise ExportError(f"'{k}' is a non-zero attention bias; moetrain attention has no biases, so this "
                               "model cannot be imported exactly")
         harmless = (k.endswith("_proj.bias") or k.endswith("rotary_emb.inv_freq")
+                    or (k.endswith("e_score_correction_bias") and not bool(torch.any(t != 0)))
                     or (".shared_expert" in k and (t.numel() == 0 or k.endswith("shared_expert_gate.weight"))))
         if not harmless:
             raise ExportError(f"tensor '{k}' has no place in a moetrain model; this checkpoint holds something "
@@ -68,6 +72,8 @@ def read_hf(hf_dir: str) -> tuple[dict, ModelConfig]:
     c = _hf_config(hf_dir)
     mcfg = model_config(c)
     tensors = _read_tensors(hf_dir)
+    if any(k.endswith("e_score_correction_bias") and bool(torch.any(t != 0)) for k, t in tensors.items()):
+        mcfg.moe.bias_update_speed = _DEEPSEEK_V3_BIAS_SPEED  # the bias only exists in our model when it moves
     try:
         sd, unused = from_hf_state_dict(tensors, mcfg, arch_of(c))
     except KeyError as e:

@@ -12,7 +12,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from moetrain.config import AttentionConfig, ModelConfig, RopeConfig, head_dim
 from moetrain.model.attention import Attention
@@ -82,7 +81,6 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(cfg.rope, head_dim(cfg), self.max_position_embeddings)
-        self.activation_checkpointing = cfg.activation_checkpointing
         self.reset_parameters()
 
     @torch.no_grad()
@@ -115,10 +113,7 @@ class MoETransformer(nn.Module):
         cos, sin = self.rotary(position_ids, dtype=x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            if self.activation_checkpointing and self.training:
-                x, a = checkpoint(layer, x, cos, sin, cu_seqlens, use_reentrant=False)
-            else:
-                x, a = layer(x, cos, sin, cu_seqlens)
+            x, a = layer(x, cos, sin, cu_seqlens)  # recompute / offload: moetrain.parallel.memory
             aux = aux + a
         return self.norm(x), aux
 

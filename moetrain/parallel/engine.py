@@ -13,6 +13,7 @@ import socket
 import torch
 
 from moetrain.config import TrainConfig
+from moetrain.optim import MoonlightMuon, muon_param_groups
 from moetrain.parallel.expert_parallel import moe_param_groups
 from moetrain.parallel.parallelize import Parallelism
 
@@ -109,12 +110,6 @@ def derive_deepspeed_config(cfg: TrainConfig, dp_world: int, micro_batch_size: i
     return _deep_merge(ds, d.extra)
 
 
-def _is_matrix_for_muon(name: str, p: torch.nn.Parameter) -> bool:
-    """Muon (Moonlight recipe) orthogonalises hidden 2-D weight matrices only;
-    embeddings, the LM head, norms and stacked expert tensors stay on AdamW."""
-    return p.dim() == 2 and "embed" not in name and "lm_head" not in name
-
-
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay on matrices only (norms, embeddings excluded)."""
     decay, no_decay = [], []
@@ -126,19 +121,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The client AdamW handed to DeepSpeed (Muon is DeepSpeed's own, see below)."""
+    """The client optimizer handed to DeepSpeed: AdamW, or Muon (Moonlight recipe,
+    moetrain.optim) with AdamW for the non-matrix parameters in the same optimizer."""
     o = cfg.optim
+    if o.name == "muon":
+        # Expert params are this rank's own experts (EP): orthogonalising them locally is
+        # exact, each expert being a separate matrix.
+        return MoonlightMuon(moe_param_groups(muon_param_groups(model, o.weight_decay)), lr=o.lr,
+                             betas=tuple(o.betas), eps=o.eps, momentum=o.muon_momentum)
     return torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                              fused=False, foreach=False)
-
-
-def _muon_config(model: torch.nn.Module, cfg: TrainConfig) -> dict:
-    """DeepSpeed's ZeRO-aware MuonWithAuxAdam: tag every parameter, derive its JSON."""
-    for name, p in model.named_parameters():
-        p.use_muon = _is_matrix_for_muon(name, p)
-    o = cfg.optim
-    return {"type": "Muon", "params": {"lr": o.lr, "momentum": 0.95, "weight_decay": o.weight_decay,
-                                       "betas": list(o.betas), "eps": o.eps}}
 
 
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, parallelism: Parallelism, micro_batch_size: int,
@@ -148,13 +140,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, parallelism: Parallel
     import deepspeed
 
     ds_config = derive_deepspeed_config(cfg, parallelism.dims.dp, micro_batch_size, grad_accum_steps)
-    if cfg.optim.name == "muon":
-        ds_config["optimizer"] = _muon_config(model, cfg)
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=_param_groups(
-            model, cfg.optim.weight_decay), config=ds_config)
-    else:
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg),
-                                               config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
     return engine
 
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 from moetrain.model.moe import MoE, moe_layers
 from moetrain.parallel.dims import ParallelDims
 from moetrain.parallel.expert_parallel import EPGroups, apply_expert_parallel, apply_global_batch_balancing
+from moetrain.parallel.memory import apply_memory
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,18 @@ class Parallelism:
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg, *, use_deepspeed: bool = True) -> Parallelism:
     """Collective. Expert parallelism (shard experts, all-to-all dispatch), global-batch
-    balancing of router counts, ZeRO-3 leaf modules. `use_deepspeed=False` builds plain
+    balancing of router counts, memory tools (cfg.memory), ZeRO-3 leaf modules. `use_deepspeed=False` builds plain
     torch.distributed expert groups and no DeepSpeed marker (for runs without an engine)."""
     if dims.world > 1 and not dist.is_initialized():
         raise ValueError(f"a {dims.world}-process layout needs torch.distributed (launch with deepspeed/torchrun)")
     if dist.is_initialized() and dist.get_world_size() != dims.world:
         raise ValueError(f"ParallelDims says world={dims.world}, torch.distributed has {dist.get_world_size()}")
     ep_groups = apply_expert_parallel(model, dims.ep, use_deepspeed)
+    if moe_layers(model) and cfg.model.moe.aux_loss_scope == "global_batch" and dims.world > 1:
+        apply_global_batch_balancing(model)
+    apply_memory(model, cfg)  # after the dispatchers are set: tiling wraps them
     if not moe_layers(model):
         return Parallelism(dims, ep_groups)
-    if cfg.model.moe.aux_loss_scope == "global_batch" and dims.world > 1:
-        apply_global_batch_balancing(model)
     if cfg.deepspeed.zero_stage == 3:
         # An MoE layer touches its experts' stacked weights outside their own
         # module's forward; make ZeRO-3 gather the whole MoE block at once.

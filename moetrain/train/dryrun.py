@@ -48,7 +48,7 @@ def activation_bytes_per_gpu(cfg: TrainConfig, seq_len: int, micro_batch: int) -
     tokens = seq_len * micro_batch
     f = (m.moe.intermediate_size or m.intermediate_size) * max(1, m.moe.top_k) if m.moe.n_experts else m.intermediate_size
     per_layer = tokens * bytes_el * (6 * m.hidden_size + 4 * m.n_heads * head_dim(m) + 4 * f)
-    if m.activation_checkpointing:
+    if cfg.memory.checkpoint == "full" or m.activation_checkpointing:
         per_layer_stored = tokens * bytes_el * m.hidden_size
         return m.n_layers * per_layer_stored + per_layer
     return m.n_layers * per_layer + tokens * 4 * 2 * m.hidden_size

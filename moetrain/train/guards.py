@@ -4,6 +4,9 @@ PreemptionCallback: SIGTERM / SIGINT (a scheduler's preemption notice, Ctrl-C) e
 training cleanly after the current optimizer step: the final checkpoint is written by
 CheckpointCallback.on_train_end and the process exits 0, so relaunching the same command
 continues exactly where it stopped.
+
+NonFiniteGuard: a NaN / Inf in the loss or the gradients skips that optimizer update on
+every rank together; guards.max_nonfinite_steps such steps in a row stop training (exit 1).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moetrain.train.callback import Callback
+from moetrain.train.step import any_nonfinite
 
 
 class PreemptionCallback(Callback):
@@ -77,3 +81,56 @@ class PreemptionCallback(Callback):
     def on_error(self, trainer, exc: BaseException) -> None:
         self._restore()
 
+
+
+class NonFiniteGuard(Callback):
+    """post_backward: this rank's flag (loss or any gradient it holds is NaN/Inf) is agreed
+    by one all-reduce (max), so all ranks skip the same update (trainer.skip_update; the
+    weights are never touched: moetrain.train.step.skip_update). The flag is a device
+    tensor; the one host copy per step is what deciding to skip costs.
+
+    Counts go into the log record (`nonfinite`: skipped steps since the start of the run,
+    kept in the checkpoint) with one console line per skipped step; after
+    guards.max_nonfinite_steps skipped steps in a row, request_stop(ok=False)."""
+
+    priority = 100
+
+    def __init__(self):
+        self.skipped = 0   # over the run (checkpointed)
+        self.streak = 0    # skipped steps in a row (checkpointed)
+        self._skipped_now = False
+
+    def post_backward(self, trainer) -> None:
+        flag = any_nonfinite(trainer.step_loss, trainer.engine)
+        if trainer.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._skipped_now = bool(flag)
+        if self._skipped_now:
+            trainer.skip_update = True
+
+    def post_step(self, trainer) -> None:
+        step = trainer.state.step
+        # Under ZeRO-1/2 the module holds no gradients once reduced; a NaN/Inf there makes
+        # DeepSpeed's (rank-agreed) norm invalid and it skips the update itself: count it too.
+        self._skipped_now = self._skipped_now or bool(getattr(trainer.engine.optimizer, "overflow", False))
+        if self._skipped_now:
+            self.skipped, self.streak = self.skipped + 1, self.streak + 1
+            limit = trainer.cfg.guards.max_nonfinite_steps
+            if trainer.rank == 0:
+                print(f"step {step}: NaN/Inf in the loss or gradients; update skipped on all ranks "
+                      f"({self.streak} in a row, {self.skipped} in this run)", file=sys.stderr, flush=True)
+            if self.streak >= limit and not trainer.stop_reason:
+                trainer.request_stop(f"stopped: {self.streak} optimizer steps in a row had NaN/Inf loss or "
+                                     f"gradients (guards.max_nonfinite_steps={limit}); lower optim.lr, check the "
+                                     "data, or resume from an earlier checkpoint", ok=False)
+        else:
+            self.streak = 0
+        if trainer.is_log_step():
+            trainer.record_metrics({"nonfinite": self.skipped, "update_skipped": self._skipped_now})
+
+    def state_dict(self) -> dict:
+        return {"nonfinite_guard": {"skipped": self.skipped, "streak": self.streak}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("nonfinite_guard", {})
+        self.skipped, self.streak = saved.get("skipped", 0), saved.get("streak", 0)

@@ -56,12 +56,15 @@ def total_steps(plans: list[StagePlan], max_steps: int | None) -> int:
     return min(n, max_steps) if max_steps else n
 
 
-def lr_at(step_in_stage: int, plan: StagePlan, schedule: str, min_lr_ratio: float) -> float:
+def lr_at(step_in_stage: int, plan: StagePlan, schedule: str, min_lr_ratio: float,
+          decay_fraction: float = 0.2, decay_shape: str = "linear") -> float:
     """Linear warmup (re-warmup at every stage start), then cosine/linear decay
-    to min_lr_ratio x peak at the stage's last step, or constant."""
+    to min_lr_ratio x peak at the stage's last step, constant, or WSD."""
     peak, warm, n = plan.lr, plan.warmup_steps, plan.steps
     if warm and step_in_stage < warm:
         return peak * (step_in_stage + 1) / warm
+    if schedule == "wsd":
+        return peak * wsd_factor(step_in_stage, n, warm, min_lr_ratio, decay_fraction, decay_shape)
     if schedule == "constant" or n <= warm:
         return peak
     frac = min(1.0, (step_in_stage - warm) / max(1, n - warm - 1))
@@ -70,3 +73,20 @@ def lr_at(step_in_stage: int, plan: StagePlan, schedule: str, min_lr_ratio: floa
     else:
         decay = 0.5 * (1.0 + math.cos(math.pi * frac))
     return peak * (min_lr_ratio + (1.0 - min_lr_ratio) * decay)
+
+
+def wsd_decay_start(n: int, warm: int, decay_fraction: float) -> int:
+    """First step of the decay phase: the last ceil(decay_fraction x n) steps of the
+    stage, never inside the warmup."""
+    return max(warm, n - max(1, math.ceil(decay_fraction * n)))
+
+
+def wsd_factor(step: int, n: int, warm: int, min_lr_ratio: float, decay_fraction: float, shape: str) -> float:
+    """Warmup-stable-decay (MiniCPM): peak on the plateau after warmup, then a decay
+    that reaches min_lr_ratio exactly at the stage's last step (step n - 1)."""
+    start = wsd_decay_start(n, warm, decay_fraction)
+    if step < start:
+        return 1.0
+    frac = min(1.0, (step - start + 1) / max(1, n - start))
+    decay = 1.0 - math.sqrt(frac) if shape == "1-sqrt" else 1.0 - frac
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay

@@ -81,6 +81,8 @@ class Trainer:
         self.loader = None                          # the current stage's training loader
         self.lr = 0.0
         self.step_metrics: Optional[StepMetrics] = None
+        self.step_loss: Optional[torch.Tensor] = None  # set before post_backward (see _post_backward)
+        self.skip_update = False                    # a post_backward hook drops this step's update
         self._pending_tokens: Optional[torch.Tensor] = None  # tokens of steps not yet synced
         self._resume_loader_state: Optional[dict] = None
         self.step_seconds = 0.0                     # host time inside train_step, summed
@@ -213,13 +215,14 @@ class Trainer:
         s, cfg = self.state, self.cfg
         self._enter_stage(plan)
         while s.step_in_stage < plan.steps and s.step < self.total and not self.stop_reason:
-            self.lr = lr_at(s.step_in_stage, plan, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+            self.lr = lr_at(s.step_in_stage, plan, cfg.optim.schedule, cfg.optim.min_lr_ratio,
+                            cfg.optim.decay_fraction, cfg.optim.decay_shape)
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = self.lr
             self.dispatch("pre_step")
             t0 = time.perf_counter()
             m = train_step(self.engine, self.loader, plan.grad_accum_steps, self.device, self.parallel.ep_group,
-                           post_backward=lambda: self.dispatch("post_backward"))
+                           post_backward=self._post_backward)
             self.step_seconds += time.perf_counter() - t0
             self.step_metrics = m
             self._pending_tokens = m.tokens if self._pending_tokens is None else self._pending_tokens + m.tokens
@@ -238,6 +241,13 @@ class Trainer:
             if s.stage + 1 < len(self.plans):
                 s.stage += 1
                 s.step_in_stage = 0
+
+    def _post_backward(self, loss: torch.Tensor) -> bool:
+        """The step's mean loss (device) is trainer.step_loss for post_backward hooks; a hook
+        sets trainer.skip_update = True (the same on every rank) to drop this update."""
+        self.step_loss, self.skip_update = loss, False
+        self.dispatch("post_backward")
+        return self.skip_update
 
     # ------------------------------------------------------------------ helpers for callbacks
     def request_stop(self, reason: str, ok: bool = True) -> None:

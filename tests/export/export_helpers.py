@@ -49,7 +49,8 @@ def make_data_dir(out: str, vocab_size: int = 384, model_type: str = "bpe") -> s
 
 def tiny_config(name: str, zero: int = 0, ep: int = 1, rope: str = "yarn", data_dir: str = "unused"):
     """Tiny TrainConfig per target flavour: mixtral* plain MoE; qwen2* gated shared expert, a
-    dense first layer, sliding/full layers; qwen3* q/k norm, no top-k renormalisation."""
+    dense first layer, sliding/full layers; qwen3* q/k norm, no top-k renormalisation; glm4* sigmoid
+    router, group-limited routing, aux-free bias, shared expert, q/k norm, a dense first layer."""
     from moetrain.config import config_from_dict, validate
     model = {"vocab_size": 384, "hidden_size": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
              "intermediate_size": 48, "init_std": 0.15,  # logits of order 1, not 0.01: a real test of exactness
@@ -61,6 +62,10 @@ def tiny_config(name: str, zero: int = 0, ep: int = 1, rope: str = "yarn", data_
     if name.startswith("qwen3"):
         model["qk_norm"] = True
         model["moe"]["norm_topk_prob"] = False
+    if name.startswith("glm4"):  # DeepSeek-V3-style routing
+        model["qk_norm"], model["n_layers"] = True, 3
+        model["moe"].update(n_experts=8, router="sigmoid", n_groups=4, topk_groups=2, bias_update_speed=0.01,
+                            n_shared_experts=1, first_k_dense=1, routed_scaling_factor=2.5)
     d = {"name": name, "seed": 7, "model": model, "data": {"dir": data_dir, "recipe": None},
          "train": {"micro_batch_size": 2},
          "stages": [{"name": "short", "seq_len": 16, "steps": 1},

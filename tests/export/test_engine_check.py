@@ -96,3 +96,20 @@ def test_vllm_failure_is_verification_failed(tmp_path, tokenizer_path, monkeypat
         export_model(model, mcfg, attn, str(tmp_path / "hf"), tokenizer_path=tokenizer_path, verify_engine="vllm",
                      log=lambda m: None)
     assert os.path.isdir(tmp_path / "hf.partial") and not os.path.exists(tmp_path / "hf")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isfile(os.path.join(VLLM_VENV, "bin", "python")),
+                    reason=f"no vLLM venv at {VLLM_VENV}; create it with `bash scripts/serving_env.sh`")
+def test_vllm_reproduces_a_glm4_export(tmp_path, tokenizer_path):
+    """DeepSeek-V3-style routing (sigmoid, groups, a non-zero aux-free bias, shared expert,
+    q/k norm, dense first layer) served by vLLM's Glm4MoeForCausalLM."""
+    from moetrain.model.moe import moe_layers
+    model, mcfg, attn = tiny_model("glm4", "yarn", hidden_size=128)
+    with torch.no_grad():
+        for moe in moe_layers(model):
+            moe.router.expert_bias.copy_(0.3 * torch.randn(moe.router.expert_bias.shape))
+    report = export_model(model, mcfg, attn, str(tmp_path / "hf"), tokenizer_path=tokenizer_path, verify=True,
+                          verify_engine="vllm", log=lambda m: None)
+    assert report["architecture"] == "Glm4MoeForCausalLM" and report["verify"]["passed"], report["verify_line"]
+    assert report["verify_engine"]["passed"], report["verify_engine_line"]

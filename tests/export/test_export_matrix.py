@@ -107,3 +107,40 @@ def test_bf16_export_and_sharding(tmp_path, tokenizer_path):
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in tensors
     assert "model.layers.0.mlp.gate_proj.weight" in tensors  # the dense first layer
     assert not tensors["model.layers.1.self_attn.q_proj.bias"].any()
+
+
+def _perturb_bias(model):
+    """A bias as training leaves it: large enough to change which experts are chosen."""
+    from moetrain.model.moe import moe_layers
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for moe in moe_layers(model):
+            moe.router.expert_bias.copy_(0.3 * torch.randn(moe.router.expert_bias.shape, generator=g))
+
+
+@pytest.mark.parametrize("rope", ["none", "yarn", "llama3"])
+def test_glm4_sigmoid_grouped_biased_routing_is_exact(tmp_path, tokenizer_path, rope):
+    model, mcfg, attn = tiny_model("glm4", rope)
+    _perturb_bias(model)
+    out, report = _export(tmp_path, tokenizer_path, model, mcfg, attn)
+    v = report["verify"]
+    assert report["architecture"] == "Glm4MoeForCausalLM" and report["exact"]
+    assert v["passed"] and v["max_abs_logit_diff"] <= 1e-4 and v["greedy_match"], report["verify_line"]
+    _assert_no_placeholders(out)
+    tensors = _tensors(out)
+    bias = tensors["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert torch.equal(bias, model.layers[1].mlp.router.expert_bias)
+    assert "model.layers.2.mlp.shared_experts.down_proj.weight" in tensors
+    assert "model.layers.0.mlp.gate_proj.weight" in tensors  # first_k_dense_replace=1
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["n_group"], cfg["topk_group"], cfg["use_qk_norm"], cfg["routed_scaling_factor"]) == (4, 2, True, 2.5)
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == 1.0
+
+
+def test_glm4_without_bias_writes_zero_bias(tmp_path, tokenizer_path):
+    model, mcfg, attn = tiny_model("glm4", "yarn", moe__bias_update_speed=0.0, qk_norm=False, moe__n_groups=1,
+                                   moe__topk_groups=1)
+    out, report = _export(tmp_path, tokenizer_path, model, mcfg, attn)
+    assert report["architecture"] == "Glm4MoeForCausalLM" and report["verify"]["passed"], report["verify_line"]
+    assert not _tensors(out)["model.layers.1.mlp.gate.e_score_correction_bias"].any()

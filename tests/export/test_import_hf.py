@@ -14,7 +14,8 @@ ROPES = {"mixtral": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                      "original_max_position_embeddings": 16},
          "qwen2_moe": {"rope_type": "llama3", "rope_theta": 50000.0, "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-         "qwen3_moe": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}}
+         "qwen3_moe": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0},
+         "glm4_moe": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}}
 
 
 def hf_folder(path, arch: str, dtype=torch.float32) -> str:
@@ -32,6 +33,11 @@ def hf_folder(path, arch: str, dtype=torch.float32) -> str:
                                 use_sliding_window=True, sliding_window=8,
                                 layer_types=["full_attention", "sliding_attention", "full_attention"], **common)
         cls = tf.Qwen2MoeForCausalLM
+    elif arch == "glm4_moe":
+        cfg = tf.Glm4MoeConfig(intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, n_shared_experts=2,
+                               n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                               use_qk_norm=True, partial_rotary_factor=1.0, **common)
+        cls = tf.Glm4MoeForCausalLM
     else:
         cfg = tf.Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=24, num_experts=4, norm_topk_prob=True,
                                 tie_word_embeddings=True, **common)
@@ -42,6 +48,9 @@ def hf_folder(path, arch: str, dtype=torch.float32) -> str:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():  # a trained selection bias changes which experts are chosen
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.3 * torch.randn_like(b))
     out = str(path / arch)
     model.save_pretrained(out)
     return out
@@ -54,7 +63,7 @@ def _tensors(folder):
     return out
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"])
 def test_import_verify_and_round_trip(tmp_path, tokenizer_path, arch):
     src = hf_folder(tmp_path, arch)
     model, mcfg = import_hf(src, verify=True)

@@ -52,7 +52,7 @@ def test_expert_bias_refused_only_when_nonzero(tmp_path, tokenizer_path):
         _run(tmp_path / "b", tokenizer_path, model, mcfg, attn)
 
 
-@pytest.mark.parametrize("overrides,words", [({"moe__router": "sigmoid"}, "sigmoid router"),
+@pytest.mark.parametrize("overrides,words", [({"moe__router": "sigmoid"}, "n_shared_experts=0: the sigmoid router"),
                                              ({"moe__n_shared_experts": 1}, "shared experts")])
 def test_unservable_refused_even_with_allow_approx(tmp_path, tokenizer_path, overrides, words):
     model, mcfg, attn = tiny_model("qwen3", "none", **overrides)
@@ -101,3 +101,14 @@ def test_cli_incomplete_run(tmp_path, capsys):
     assert "no COMPLETE marker" in capsys.readouterr().err
     assert cli.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "o")]) == 2
     assert "complete checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"attention": {"layer_types": ["sliding", "full"], "window": 8}}, "sliding-window attention layers"),
+    ({"moe__shared_expert_gate": True}, "shared_expert_gate=true"),
+    ({"moe__shared_expert_intermediate_size": 40}, "shared_expert_intermediate_size=40"),
+    ({"moe__n_groups": 8, "moe__topk_groups": 2}, "one expert per group")])
+def test_what_glm4_cannot_represent_is_refused(tmp_path, tokenizer_path, overrides, words):
+    model, mcfg, attn = tiny_model("glm4", "none", **overrides)
+    with pytest.raises(ExportError, match=words):
+        _run(tmp_path, tokenizer_path, model, mcfg, attn, allow_approx=True)

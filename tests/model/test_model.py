@@ -7,6 +7,7 @@ from moetrain.config import ModelConfig, config_from_dict
 from moetrain.model import build_model
 from moetrain.model.loss import chunked_cross_entropy, plain_cross_entropy
 from moetrain.model.moe import (MoE, SwiGLU, experts_grouped, experts_loop, load_balancing_loss)
+from moetrain.parallel.memory import apply_checkpointing
 
 
 def tiny(**kw) -> ModelConfig:
@@ -134,7 +135,7 @@ def test_activation_checkpointing_same_gradients():
     torch.manual_seed(0)
     a = build_model(tiny())
     b = copy.deepcopy(a)
-    b.activation_checkpointing = True
+    apply_checkpointing(b)  # moetrain.parallel.memory, as parallelize applies it
     ids = torch.randint(0, 97, (2, 12))
     for m in (a, b):
         m.train()

@@ -89,7 +89,8 @@ def _one_equivalence(rank: int, world: int, ep: int, moe_kw: dict) -> None:
     torch.manual_seed(0)
     model = build_model(cfg.model)
     ref = copy.deepcopy(model)
-    model.activation_checkpointing = ckpt  # recompute (and re-dispatch) each block in backward
+    if ckpt:  # recompute (and re-dispatch) each block in backward
+        cfg.memory.checkpoint = "full"
     par = parallelize(model, ParallelDims.from_config(cfg, world, rank), cfg, use_deepspeed=False)
     groups = par.ep_groups
     assert groups is None or (groups.ep_size, groups.ep_rank) == (par.dims.ep, par.dims.ep_rank)
