@@ -52,8 +52,11 @@ def _report_stop(state) -> int:
     if state.stop_reason is None:
         return 0
     if _is_rank0():
-        print(f"{state.stop_reason}; checkpoint saved at step {state.step} - run the same command again "
-              "to continue (--resume auto)", file=sys.stderr)
+        if state.stop_ok:
+            print(f"{state.stop_reason}; checkpoint saved at step {state.step} - run the same command again "
+                  "to continue (--resume auto)", file=sys.stderr)
+        else:  # a guard: relaunching unchanged would hit the same fault
+            print(f"error: {state.stop_reason} (checkpoint saved at step {state.step})", file=sys.stderr)
     return 0 if state.stop_ok else 1
 
 

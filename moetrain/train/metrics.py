@@ -135,7 +135,12 @@ class RouterMonitor:
     """Router health over a logging window: observe() every optimizer step (this
     rank's stats), flush() at each log (summed over ranks there, once). A layer whose busiest expert
     takes more than `collapse_frac` of the tokens (and at least twice its fair
-    share) for `patience` logs in a row triggers a console warning on rank 0."""
+    share) for `patience` logs in a row triggers a console warning on rank 0, repeated
+    every `patience` logs; from ESCALATE x patience logs in a row it is an error line.
+    `moe/collapse_level` records the worst layer: 0 healthy or not yet persistent,
+    1 warning, 2 error."""
+
+    ESCALATE = 3
 
     def __init__(self, collapse_frac: float = 0.5, patience: int = 3):
         self.collapse_frac, self.patience = collapse_frac, patience
@@ -159,8 +164,12 @@ class RouterMonitor:
         for i in range(len(layers)):
             self.streak[i] = self.streak.get(i, 0) + 1 if i in collapsed else 0
         out["moe/collapsed_layers"] = len(collapsed)
+        out["moe/collapse_level"] = max((self._level(self.streak[i]) for i in collapsed), default=0)
         self._warn([i for i in collapsed if self.streak[i] % self.patience == 0], out)
         return out
+
+    def _level(self, streak: int) -> int:
+        return 0 if streak < self.patience else 1 if streak < self.ESCALATE * self.patience else 2
 
     def _collapsed(self, st: dict) -> bool:
         c, tokens = st["counts"], max(st["tokens"], 1)
@@ -173,7 +182,8 @@ class RouterMonitor:
             return
         for i in layers:
             share = out[f"moe/layer{i}/expert_share"]
-            print(f"WARNING: MoE layer {i} collapsed: expert {share.index(max(share))} took "
+            level = "ERROR" if self._level(self.streak[i]) == 2 else "WARNING"
+            print(f"{level}: MoE layer {i} collapsed: expert {share.index(max(share))} took "
                   f"{100 * out[f'moe/layer{i}/top_token_frac']:.0f}% of tokens for {self.streak[i]} logs in a row "
                   f"(max/mean {out[f'moe/layer{i}/max_over_mean']:.1f}); raise model.moe.aux_loss_coef or "
                   "bias_update_speed, or lower the LR", file=sys.stderr, flush=True)

@@ -48,6 +48,21 @@ def test_collapse_warns_after_several_logs_in_a_row(capsys):
     assert "layer 1" not in err
 
 
+def test_persistent_collapse_escalates_to_an_error(capsys):
+    mon = RouterMonitor(collapse_frac=0.5, patience=2)
+    collapsed = [stats([90, 5, 3, 2], 100)]
+    levels = []
+    for _ in range(6):
+        mon.observe(add_router_stats(None, collapsed))
+        levels.append(mon.flush()["moe/collapse_level"])
+    assert levels == [0, 1, 1, 1, 1, 2]  # warning from 2 logs in a row, error from 3 x 2 = 6
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in err] == ["WARNING", "WARNING", "ERROR"]  # at logs 2, 4, 6
+    assert "for 6 logs in a row" in err[-1]
+    mon.observe(add_router_stats(None, [stats([30, 25, 25, 20], 100)]))
+    assert mon.flush()["moe/collapse_level"] == 0  # a healthy log resets it
+
+
 def test_uniform_top_k_share_is_not_a_collapse():
     """E=4, k=2: every expert sees half the tokens when perfectly balanced."""
     mon = RouterMonitor(collapse_frac=0.5, patience=1)
