@@ -12,6 +12,7 @@ import torch
 from moetrain.config import TrainConfig, head_dim, validate
 from moetrain.model import build_model
 from moetrain.parallel.engine import derive_deepspeed_config
+from moetrain.parallel.memory import resolve_checkpoint_mode
 from moetrain.train.schedule import plan_stages
 
 GiB = 1024**3
@@ -48,7 +49,7 @@ def activation_bytes_per_gpu(cfg: TrainConfig, seq_len: int, micro_batch: int) -
     tokens = seq_len * micro_batch
     f = (m.moe.intermediate_size or m.intermediate_size) * max(1, m.moe.top_k) if m.moe.n_experts else m.intermediate_size
     per_layer = tokens * bytes_el * (6 * m.hidden_size + 4 * m.n_heads * head_dim(m) + 4 * f)
-    if cfg.memory.checkpoint == "full" or m.activation_checkpointing:
+    if resolve_checkpoint_mode(cfg) == "full":
         per_layer_stored = tokens * bytes_el * m.hidden_size
         return m.n_layers * per_layer_stored + per_layer
     return m.n_layers * per_layer + tokens * 4 * 2 * m.hidden_size

@@ -110,8 +110,8 @@ class NonFiniteGuard(Callback):
 
     def post_step(self, trainer) -> None:
         step = trainer.state.step
-        # Under ZeRO-1/2 the module holds no gradients once reduced; a NaN/Inf there makes
-        # DeepSpeed's (rank-agreed) norm invalid and it skips the update itself: count it too.
+        # DeepSpeed may also have dropped the update on its own (its rank-agreed overflow
+        # check, where its optimizer runs one): count that as a skipped step too.
         self._skipped_now = self._skipped_now or bool(getattr(trainer.engine.optimizer, "overflow", False))
         if self._skipped_now:
             self.skipped, self.streak = self.skipped + 1, self.streak + 1
