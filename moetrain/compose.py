@@ -11,6 +11,7 @@ from typing import Optional
 
 from moetrain.config import TrainConfig
 from moetrain.eval.callback import LongContextEvalCallback
+from moetrain.eval.summary import RunSummaryCallback
 from moetrain.export.callback import ExportCallback, WarmStartCallback
 from moetrain.train.callback import Callback
 from moetrain.train.callbacks import CheckpointCallback, HeldOutEvalCallback, MoERouterCallback
@@ -22,7 +23,7 @@ from moetrain.train.trainer import Trainer, TrainState
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """Order matters only among equal priorities (the sinks: file, W&B, console)."""
     return [WarmStartCallback(), MoERouterCallback(), HeldOutEvalCallback(), LongContextEvalCallback(),
-            CheckpointCallback(), ExportCallback(), JsonlSink(), WandbSink(), ConsoleSink(cfg.logging.console),
+            CheckpointCallback(), ExportCallback(), RunSummaryCallback(), JsonlSink(), WandbSink(), ConsoleSink(cfg.logging.console),
             PreemptionCallback(), NonFiniteGuard()]
 
 

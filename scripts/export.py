@@ -15,7 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from moetrain.config.mapping import ArgumentParser  # a bad command line is one error: line
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run folder or one checkpoint folder")
     p.add_argument("--out", required=True, help="output folder (empty, new, or a previous export)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights dtype (default: %(default)s)")

@@ -14,7 +14,8 @@ DEFAULT_RECIPE = "data_recipes/gutenberg_classics.yaml"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from moetrain.config.mapping import ArgumentParser  # a bad command line is one error: line
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default=None,
                    help="recipe YAML (default: the config's data.recipe, else " + DEFAULT_RECIPE + ")")
     p.add_argument("--out", default=None, help="output folder (default: the config's data.dir, else data/<recipe>)")

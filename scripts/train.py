@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from moetrain.config.mapping import ArgumentParser
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml", help="YAML config (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override, repeatable, e.g. --set train.max_steps=20")
@@ -22,13 +23,26 @@ def parse_args(argv=None):
                    help="print parameter counts, memory estimate and the DeepSpeed config, then exit")
     p.add_argument("--world-size", type=int, default=None, help="with --dry-run: GPUs to plan for")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    _check_paths(p, args)
+    return args
+
+
+def _check_paths(p, args) -> None:
+    """Refuse a --resume or --run-dir that cannot work before anything is imported or read."""
+    if args.resume not in ("auto", "never") and not os.path.isdir(args.resume):
+        p.error(f"argument --resume: '{args.resume}' is neither auto, never nor an existing checkpoint folder "
+                "(RUN_DIR/checkpoints/<tag>)")
+    if args.run_dir is not None and (not args.run_dir.strip() or os.path.exists(args.run_dir)
+                                     and not os.path.isdir(args.run_dir)):
+        p.error(f"argument --run-dir: '{args.run_dir}' is not a folder; give a folder path (it is created)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from moetrain.checkpoint import CheckpointSaveError
     from moetrain.config import ConfigError, load_config
+    from moetrain.config.mapping import one_line
     try:
         cfg = load_config(args.config, args.set)
         if args.dry_run:
@@ -39,10 +53,10 @@ def main(argv=None) -> int:
         run_dir = args.run_dir or os.path.join("runs", cfg.name)
         state = train(cfg, run_dir, resume=args.resume, overwrite=args.overwrite, local_rank=args.local_rank)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     except CheckpointSaveError as e:  # disk full & co: the previous checkpoint is intact
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return _report_stop(state)
 

@@ -314,6 +314,21 @@ class GuardsConfig:
     max_nonfinite_steps: int = 3
     """Stop training (exit code 1) after this many optimizer steps in a row whose loss or
     gradients held a NaN or Inf; every such step's update is skipped on all ranks."""
+    spike_action: str = "log"
+    """What a loss spike does: off | log (one line, counted in metrics.jsonl) | skip (that
+    step's update is skipped on all ranks) | rollback (reload the newest complete checkpoint
+    and drop the batches from its step through the spike; a skip where that checkpoint is in
+    an earlier stage or none exists yet)."""
+    spike_threshold: float = 2.0
+    """A spike: the step's loss (mean over all ranks) above this ratio times the mean loss of
+    the window (a ratio, not a z-score: early losses fall fast and their spread is tiny)."""
+    spike_window: int = 50
+    """Recent steps whose losses make the baseline (skipped and rolled-back spikes excluded)."""
+    spike_warmup: int = 10
+    """Steps with a finite loss the window needs before spikes are looked for (<= spike_window)."""
+    max_spikes: int = 10
+    """skip / rollback: stop training (exit code 1) at this many spikes acted on in the run; a
+    spike that keeps coming back is a diverging run (lower optim.lr), not a bad batch."""
 
 
 @dataclass
@@ -398,7 +413,7 @@ class TrainConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     """Memory tools for long sequences (applied by moetrain.parallel.memory)."""
     guards: GuardsConfig = field(default_factory=GuardsConfig)
-    """Numerical guards of the fit loop (NaN / Inf steps)."""
+    """Numerical guards of the fit loop (NaN / Inf steps, loss spikes)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Long-context evaluation at stage ends."""
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -3,8 +3,9 @@ the per-stage views of attention and data."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from moetrain.config.mapping import ConfigError, _from_dict, to_dict
+from moetrain.config.mapping import ConfigError, _from_dict, brief, to_dict
 from moetrain.config.schema import (AttentionConfig, DataConfig, ModelConfig, RopeConfig, StageConfig,
                                     TrainConfig)
 
@@ -40,6 +41,10 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def head_dim(m: ModelConfig) -> int:
     return m.head_dim or m.hidden_size // m.n_heads
 
@@ -61,10 +66,12 @@ def _validate_rope(r: RopeConfig, where: str, hd: int) -> None:
     _need(r.type in ROPE_TYPES, f"{where}.type='{r.type}' is not one of {', '.join(ROPE_TYPES)}")
     _need(r.theta > 0, f"{where}.theta={r.theta} must be positive")
     _need(r.factor >= 1.0 or r.type == "none", f"{where}.factor={r.factor} must be >= 1 for scaling")
+    _need(r.original_max_position_embeddings is None or r.original_max_position_embeddings > 0,
+          f"{where}.original_max_position_embeddings={r.original_max_position_embeddings} must be positive")
     if r.type == "longrope":
         for name in ("short_factor", "long_factor"):
             vals = getattr(r, name)
-            _need(vals is not None and len(vals) == hd // 2,
+            _need(vals is not None and len(vals) == hd // 2 and all(_is_number(v) for v in vals),
                   f"{where}.{name} needs head_dim/2 = {hd // 2} floats for longrope")
 
 
@@ -140,7 +147,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(o.lr > 0, f"optim.lr={o.lr} must be positive")
     _need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
-    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two numbers in [0, 1)")
+    _need(len(o.betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in o.betas),
+          f"optim.betas={brief(o.betas)} must be two numbers in [0, 1)")
     _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     _need(0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
     _need(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
@@ -155,7 +163,52 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
           f"memory.mlp_tile_tokens={cfg.memory.mlp_tile_tokens} must be >= 0 (0 turns tiling off)")
     _need(cfg.guards.max_nonfinite_steps > 0, f"guards.max_nonfinite_steps={cfg.guards.max_nonfinite_steps} "
           "must be positive (the number of NaN/Inf steps in a row that stops training)")
-    _need(cfg.data.upsample_factor >= 1, f"data.upsample_factor={cfg.data.upsample_factor} must be >= 1")
+    _validate_spike_guard(cfg.guards)
+    _validate_ranges(cfg)
+
+
+def _validate_ranges(cfg: TrainConfig) -> None:
+    """Bounds the libraries underneath would otherwise hit late, naming no key (numpy's
+    seed range, torch's init std and AdamW's eps, ...)."""
+    _need(0 <= cfg.seed < 2 ** 32, f"seed={cfg.seed} must be in [0, 2**32) (numpy's seed range)")
+    _need(cfg.eval.seed >= 0, f"eval.seed={cfg.eval.seed} must be >= 0")
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.deepspeed
+    _need(m.head_dim is None or m.head_dim > 0, f"model.head_dim={m.head_dim} must be positive (or null)")
+    _need(m.init_std >= 0, f"model.init_std={m.init_std} must be >= 0")
+    _need(m.rms_norm_eps > 0, f"model.rms_norm_eps={m.rms_norm_eps} must be positive")
+    sis = m.moe.shared_expert_intermediate_size
+    _need(sis is None or sis > 0, f"model.moe.shared_expert_intermediate_size={sis} must be positive (or null)")
+    _need(o.eps >= 0, f"optim.eps={o.eps} must be >= 0")
+    _need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _need(t.eval_every_steps >= 0, f"train.eval_every_steps={t.eval_every_steps} must be >= 0 (0 = at stage ends)")
+    _need(t.eval_batches >= 1, f"train.eval_batches={t.eval_batches} must be >= 1")
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        _need(getattr(d, key) > 0, f"deepspeed.{key}={getattr(d, key)} must be positive")
+    _validate_data(cfg.data, "data")
+
+
+def _validate_data(data: DataConfig, where: str) -> None:
+    """Types and ranges of the data section (or a stage's view of it); sources and
+    synthetic task names are checked against the prepared folder by the loader."""
+    for key in ("mode", "split"):
+        choices = _CHOICES[f"data.{key}"]
+        _need(getattr(data, key) in choices, f"{where}.{key}='{getattr(data, key)}' is not one of {', '.join(choices)}")
+    _need(data.upsample_factor >= 1, f"{where}.upsample_factor={data.upsample_factor} must be >= 1")
+    _need(data.upsample_min_len >= 0, f"{where}.upsample_min_len={data.upsample_min_len} must be >= 0")
+    for key in ("source_weights", "synthetic"):
+        for name, v in getattr(data, key).items():
+            _need(_is_number(v) and v >= 0, f"{where}.{key}.{name}={brief(v)} must be a number >= 0")
+
+
+def _validate_spike_guard(g) -> None:
+    _need(g.spike_action in ("off", "log", "skip", "rollback"),
+          f"guards.spike_action='{g.spike_action}' must be off, log, skip or rollback")
+    _need(g.spike_threshold > 1, f"guards.spike_threshold={g.spike_threshold} must be > 1 (a ratio to the "
+          "window's mean loss, e.g. 2.0)")
+    _need(g.spike_window >= 1, f"guards.spike_window={g.spike_window} must be >= 1")
+    _need(1 <= g.spike_warmup <= g.spike_window, f"guards.spike_warmup={g.spike_warmup} must be in "
+          f"[1, guards.spike_window={g.spike_window}]")
+    _need(g.max_spikes >= 1, f"guards.max_spikes={g.max_spikes} must be >= 1")
 
 
 def _validate_stages(cfg: TrainConfig) -> None:
@@ -173,26 +226,28 @@ def _validate_stages(cfg: TrainConfig) -> None:
             _need(v is None or v >= (0 if key == "warmup_steps" else 1), f"{where}.{key}={v} is out of range")
         if s.rope is not None:
             _validate_rope(s.rope, f"{where}.rope", head_dim(cfg.model))
+        _need(s.lr is None or s.lr > 0, f"{where}.lr={s.lr} must be positive (or null for optim.lr)")
         if s.attention is not None:
-            _validate_attention(stage_attention(cfg, s), f"{where}.attention")
+            _validate_attention(stage_attention(cfg, s, f"{where}.attention"), f"{where}.attention")
         if s.data is not None:
             bad = [k for k in s.data if k not in {f.name for f in dataclasses.fields(DataConfig)}]
             _need(not bad, f"{where}.data has unknown key '{bad[0] if bad else ''}'; use fields of data")
+            _validate_data(stage_data(cfg, s, f"{where}.data"), f"{where}.data")
     mp = cfg.model.max_position_embeddings
     longest = max(s.seq_len for s in cfg.stages)
     _need(mp is None or mp >= longest,
           f"model.max_position_embeddings={mp} is shorter than the longest stage ({longest}); raise it")
 
 
-def stage_attention(cfg: TrainConfig, stage: StageConfig) -> AttentionConfig:
-    """model.attention with the stage's overrides applied."""
+def stage_attention(cfg: TrainConfig, stage: StageConfig, where: str = "attention") -> AttentionConfig:
+    """model.attention with the stage's overrides applied (`where` names it in errors)."""
     base = to_dict(cfg.model.attention)
     base.update(stage.attention or {})
-    return _from_dict(AttentionConfig, base, "attention")
+    return _from_dict(AttentionConfig, base, where)
 
 
-def stage_data(cfg: TrainConfig, stage: StageConfig) -> DataConfig:
-    """data with the stage's overrides applied."""
+def stage_data(cfg: TrainConfig, stage: StageConfig, where: str = "data") -> DataConfig:
+    """data with the stage's overrides applied (`where` names it in errors)."""
     base = to_dict(cfg.data)
     base.update(stage.data or {})
-    return _from_dict(DataConfig, base, "data")
+    return _from_dict(DataConfig, base, where)

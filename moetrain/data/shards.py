@@ -93,15 +93,51 @@ def read_manifest(data_dir: str) -> dict:
         raise DataError(f"'{data_dir}' holds no {MANIFEST}; prepare it with scripts/prepare_data.py "
                         f"--recipe data_recipes/NAME.yaml --out {data_dir}")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
         raise DataError(f"{path} is not valid JSON; re-run scripts/prepare_data.py with --overwrite") from None
     from .recipe import FORMAT_VERSION
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} has format version {manifest.get('format_version')}, this code reads "
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(f"{path} has format version {version!r:.40}, this code reads "
                         f"{FORMAT_VERSION}; re-run scripts/prepare_data.py with --overwrite")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is malformed: {problem}; re-run scripts/prepare_data.py with --overwrite")
     return manifest
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _manifest_problem(m: dict):
+    """What a loader needs from manifest.json and this one lacks (None when all is there)."""
+    if m.get("dtype") not in SHARD_DTYPES:
+        return f"dtype {m.get('dtype')!r:.40} is not one of {', '.join(SHARD_DTYPES)}"
+    tok = m.get("tokenizer")
+    if not (isinstance(tok, dict) and _is_count(tok.get("vocab_size")) and tok["vocab_size"] > 0):
+        return "tokenizer.vocab_size is missing or not a positive integer"
+    sources = m.get("sources")
+    if not (isinstance(sources, list) and all(isinstance(x, dict) and isinstance(x.get("name"), str)
+                                              for x in sources)):
+        return "sources must be a list of {name: ...} entries"
+    splits = m.get("splits")
+    if not isinstance(splits, dict):
+        return "splits must be a mapping of split name -> shards"
+    for name, sp in splits.items():
+        if not (isinstance(sp, dict) and isinstance(sp.get("index"), str) and isinstance(sp.get("shards"), list)
+                and _is_count(sp.get("documents")) and _is_count(sp.get("tokens"))):
+            return f"splits.{name} needs index, shards, documents and tokens"
+        for i, sh in enumerate(sp["shards"]):
+            if not (isinstance(sh, dict) and isinstance(sh.get("file"), str) and _is_count(sh.get("tokens"))
+                    and isinstance(sh.get("sha256"), str)):
+                return f"splits.{name}.shards[{i}] needs file, tokens and sha256"
+            for rel in (sh["file"], sp["index"]):
+                if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == "..":
+                    return f"splits.{name} names '{rel}' outside the folder"
+    return None
 
 
 class SplitData:
@@ -118,11 +154,24 @@ class SplitData:
         self.dtype = np.dtype(SHARD_DTYPES[self.manifest["dtype"]]).newbyteorder("<")
         self.vocab_size = int(self.manifest["tokenizer"]["vocab_size"])
         self.sources = [s["name"] for s in self.manifest["sources"]]
+        self._check_listed()
         self.shards = [self._open(s, verify_hashes) for s in self.info["shards"]]
         self.docs = self._load_index()
 
     def _fix(self) -> str:
         return f"the prepared folder '{self.dir}' is damaged: re-run scripts/prepare_data.py with --overwrite"
+
+    def _check_listed(self) -> None:
+        """A shard file on disk that manifest.json does not list means the two come from
+        different preparations (a copy over an older folder): neither can be trusted."""
+        folder = os.path.join(self.dir, self.split)
+        listed = {os.path.normpath(s["file"]) for s in self.info["shards"]}
+        on_disk = sorted(f for f in (os.listdir(folder) if os.path.isdir(folder) else [])
+                         if f.startswith("shard_") and f.endswith(".bin"))
+        extra = [f for f in on_disk if os.path.normpath(f"{self.split}/{f}") not in listed]
+        if extra:
+            raise DataError(f"shard {self.split}/{extra[0]} is not listed in manifest.json ({len(listed)} shard(s) "
+                            f"listed, {len(on_disk)} on disk); {self._fix()}")
 
     def _open(self, shard: dict, verify_hashes: bool) -> np.ndarray:
         path = os.path.join(self.dir, shard["file"])
@@ -133,7 +182,7 @@ class SplitData:
         if size != want:
             raise DataError(f"shard {shard['file']} has {size:,} bytes but manifest.json says {want:,} "
                             f"(truncated or replaced); {self._fix()}")
-        if verify_hashes and file_sha256(path) != shard["sha256"]:
+        if verify_hashes and not _hash_matches(path, shard["sha256"]):
             raise DataError(f"shard {shard['file']} does not match its sha256 in manifest.json (corrupt); "
                             f"{self._fix()}")
         if shard["tokens"] == 0:
@@ -146,7 +195,7 @@ class SplitData:
             docs = np.load(path)
         except (OSError, ValueError):
             raise DataError(f"document index {self.info['index']} is missing or unreadable; {self._fix()}") from None
-        ok = docs.ndim == 2 and docs.shape[1] == 4 and len(docs) == self.info["documents"]
+        ok = docs.dtype.kind in "iu" and docs.ndim == 2 and docs.shape[1] == 4 and len(docs) == self.info["documents"]
         ok = ok and int(docs[:, 2].sum()) == self.info["tokens"]
         if ok and len(docs):
             ok = docs[:, 0].min() >= 0 and docs[:, 0].max() < len(self.shards)
@@ -173,6 +222,29 @@ class SplitData:
             raise DataError(f"shard {self.info['shards'][shard]['file']} holds token id {int(out.max())} >= "
                             f"vocab size {self.vocab_size} (corrupt); {self._fix()}")
         return out
+
+
+# (real path, size, mtime_ns, sha256) of shards hashed by this process: a stage's
+# loaders and every held-out evaluation reopen the same shards, which are hashed once.
+_VERIFIED: set = set()
+
+
+def _hash_matches(path: str, sha256: str) -> bool:
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, sha256)
+    if key not in _VERIFIED:
+        if file_sha256(path) != sha256:
+            return False
+        _VERIFIED.add(key)
+    return True
+
+
+def check_prepared(data_dir: str, verify_hashes: bool = True) -> None:
+    """Open every split of a prepared folder as a loader would (manifest, index, shard
+    sizes and hashes): a damaged folder fails with one DataError before training starts."""
+    manifest = read_manifest(data_dir)
+    for split in manifest["splits"]:
+        SplitData(data_dir, split, verify_hashes, manifest)
 
 
 def write_prepared(out_dir: str, splits: dict, sources: list[str], tokenizer_info: dict, dtype: str = "auto",

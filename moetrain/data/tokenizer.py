@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 
 import sentencepiece as spm
@@ -119,11 +118,16 @@ def load_tokenizer(data_dir: str) -> Tokenizer:
     if not os.path.isfile(path):
         raise DataError(f"'{data_dir}' has no {MODEL_FILE}; run scripts/prepare_data.py --out {data_dir}")
     with open(path, "rb") as f:
-        tok = Tokenizer(f.read())
+        proto = f.read()
+    try:
+        tok = Tokenizer(proto)
+    except Exception:  # SentencePiece raises RuntimeError/OSError variants on garbage
+        raise DataError(f"{path} is not a SentencePiece model (damaged?); re-run scripts/prepare_data.py "
+                        "with --overwrite") from None
     manifest = os.path.join(data_dir, "manifest.json")
     if os.path.isfile(manifest):
-        with open(manifest) as f:
-            want = json.load(f).get("tokenizer", {}).get("sha256")
+        from .shards import read_manifest
+        want = read_manifest(data_dir)["tokenizer"].get("sha256")
         if want and want != tok.sha256:
             raise DataError(f"{path} does not match manifest.json (sha256 differs); the folder was "
                             "modified: re-run scripts/prepare_data.py with --overwrite")

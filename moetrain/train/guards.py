@@ -7,12 +7,16 @@ continues exactly where it stopped.
 
 NonFiniteGuard: a NaN / Inf in the loss or the gradients skips that optimizer update on
 every rank together; guards.max_nonfinite_steps such steps in a row stop training (exit 1).
+
+SpikeGuard: a loss far above the recent mean is logged, or its update skipped, or the run
+rolls back to the newest complete checkpoint and drops the batches up to the spike.
 """
 from __future__ import annotations
 
 import signal
 import sys
 import threading
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -83,11 +87,24 @@ class PreemptionCallback(Callback):
 
 
 
+def flag_and_global_loss(trainer) -> tuple[bool, Optional[float]]:
+    """(NaN/Inf on any rank, the step's loss averaged over ranks or None when NaN/Inf), from
+    one all-reduce (sum) of [this rank's flag, its loss] and one host copy: what deciding to
+    skip an update costs, shared by both guards. The reduced value is the same on every rank."""
+    flag = any_nonfinite(trainer.step_loss, trainer.engine)
+    vec = torch.stack([flag.double(), trainer.step_loss.detach().double().reshape(())])
+    if trainer.world > 1:
+        dist.all_reduce(vec)
+    bad, loss_sum = vec.tolist()  # the one host copy per step
+    return bad > 0, (None if bad > 0 else loss_sum / trainer.world)
+
+
 class NonFiniteGuard(Callback):
     """post_backward: this rank's flag (loss or any gradient it holds is NaN/Inf) is agreed
-    by one all-reduce (max), so all ranks skip the same update (trainer.skip_update; the
-    weights are never touched: moetrain.train.step.skip_update). The flag is a device
-    tensor; the one host copy per step is what deciding to skip costs.
+    by one all-reduce, so all ranks skip the same update (trainer.skip_update; the weights
+    are never touched: moetrain.train.step.skip_update). The flag is a device tensor; the
+    one host copy per step (flag_and_global_loss) is what deciding to skip costs, and it
+    also carries the loss over all ranks that SpikeGuard reads (global_loss).
 
     Counts go into the log record (`nonfinite`: skipped steps since the start of the run,
     kept in the checkpoint) with one console line per skipped step; after
@@ -99,12 +116,10 @@ class NonFiniteGuard(Callback):
         self.skipped = 0   # over the run (checkpointed)
         self.streak = 0    # skipped steps in a row (checkpointed)
         self._skipped_now = False
+        self.global_loss: Optional[float] = None  # this step's loss over all ranks (None: NaN/Inf)
 
     def post_backward(self, trainer) -> None:
-        flag = any_nonfinite(trainer.step_loss, trainer.engine)
-        if trainer.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._skipped_now = bool(flag)
+        self._skipped_now, self.global_loss = flag_and_global_loss(trainer)
         if self._skipped_now:
             trainer.skip_update = True
 
@@ -112,7 +127,9 @@ class NonFiniteGuard(Callback):
         step = trainer.state.step
         # DeepSpeed may also have dropped the update on its own (its rank-agreed overflow
         # check, where its optimizer runs one): count that as a skipped step too.
-        self._skipped_now = self._skipped_now or bool(getattr(trainer.engine.optimizer, "overflow", False))
+        # A skip another guard asked for (SpikeGuard) goes through that same overflow path: not ours.
+        ds_overflow = not trainer.skip_update and bool(getattr(trainer.engine.optimizer, "overflow", False))
+        self._skipped_now = self._skipped_now or ds_overflow
         if self._skipped_now:
             self.skipped, self.streak = self.skipped + 1, self.streak + 1
             limit = trainer.cfg.guards.max_nonfinite_steps

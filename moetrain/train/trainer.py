@@ -85,11 +85,12 @@ class Trainer:
         self.skip_update = False                    # a post_backward hook drops this step's update
         self._pending_tokens: Optional[torch.Tensor] = None  # tokens of steps not yet synced
         self._resume_loader_state: Optional[dict] = None
+        self._reload: Optional[tuple] = None        # (checkpoint, then): see request_reload
         self.step_seconds = 0.0                     # host time inside train_step, summed
         self.start_time = time.time()
-        self._write_config()
         self._prepare_data()
         self._build()
+        self._write_config()  # last: a setup error (data, shapes, warm start) leaves the run folder as it was
 
     # ------------------------------------------------------------------ setup
     def _write_config(self) -> None:
@@ -100,10 +101,13 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         from moetrain.data import ensure_prepared, load_tokenizer
+        from moetrain.data.shards import check_prepared
         if self.rank == 0:
             for plan in self.plans:
                 ensure_prepared(plan.data)
         barrier()
+        for plan in self.plans:  # damaged shards fail now, before the run folder is touched
+            check_prepared(plan.data.dir, plan.data.verify_shards)
         data_dir = self.plans[0].data.dir
         vocab = load_tokenizer(data_dir).vocab_size
         if vocab > self.cfg.model.vocab_size:
@@ -229,10 +233,14 @@ class Trainer:
             s.step += 1
             s.step_in_stage += 1
             self.dispatch("post_step")
+            if self._reload is not None:
+                self._reload_now()
+                return  # fit() re-enters the restored stage (fresh loader, RoPE, batch shape)
         stage_done = s.step_in_stage >= plan.steps
         if stage_done or s.step >= self.total:
             self.sync_tokens()
-            record = {"step": s.step, "stage": plan.name, "event": "stage_end" if stage_done else "run_end"}
+            record = {"step": s.step, "stage": plan.name, "event": "stage_end" if stage_done else "run_end",
+                      "tokens": s.tokens}
             self.dispatch("on_stage_end", plan, record)
             s.history.append(record)
             self.log_event(record)
@@ -249,7 +257,24 @@ class Trainer:
         self.dispatch("post_backward")
         return self.skip_update
 
+    def _reload_now(self) -> None:
+        ckpt_dir, then = self._reload
+        self._reload, self.loader, self._pending_tokens = None, None, None  # the steps since are undone
+        reason, ok = self.state.stop_reason, self.state.stop_ok
+        self._restore(ckpt_dir)
+        self.state.stop_reason, self.state.stop_ok = reason, ok
+        self.callback(MetricsCollector).on_train_start(self)  # token rates count from the restored state
+        if then is not None:
+            then(self)
+
     # ------------------------------------------------------------------ helpers for callbacks
+    def request_reload(self, ckpt_dir: str, then=None) -> None:
+        """Once this step's post_step callbacks are done, reload the complete checkpoint
+        `ckpt_dir` as a resume would (weights, optimizer, RNG, trainer state, loader position,
+        every callback's state) and continue from its step; `then(trainer)` runs right after
+        (e.g. to move trainer._resume_loader_state on). Every rank must ask at the same step."""
+        self._reload = (ckpt_dir, then)
+
     def request_stop(self, reason: str, ok: bool = True) -> None:
         """End training after the current step's callbacks, as the step cap does:
         on_train_end still runs (final checkpoint), and a later launch continues.

@@ -35,3 +35,19 @@ def test_import_is_cheap_and_gpu_free():
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "False"
+
+
+def test_repo_root_on_sys_path_does_not_shadow_hub_kernels(tmp_path):
+    # `python -m pytest` and `python -c` from the repository root put it on sys.path, where our
+    # kernels/ folder would shadow Hugging Face's `kernels` package that transformers imports.
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import importlib.util, kernels, moetrain.kernels as K\n"
+            "installed = importlib.util.find_spec('kernels') is not None\n"
+            "print(os.path.dirname(os.path.abspath(kernels.__file__)) == os.path.join(ROOT, 'kernels'), callable(K.sparse_attention))\n")
+    code = f"import os\nROOT = {root!r}\n" + code
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    if proc.returncode != 0:  # no hub package installed: the name must fail cleanly, never load ours
+        assert "no package 'kernels' is installed" in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert proc.stdout.split() == ["False", "True"], proc.stdout
