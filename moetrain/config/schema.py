@@ -257,6 +257,9 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: int = 0
     """ZeRO stage 0-3."""
+    sequence_parallel_size: int = 1
+    """Ranks of one sequence-parallel (DeepSpeed-Ulysses) group: each splits every sequence
+    into this many contiguous shards; they count as data-parallel ranks for ZeRO."""
     offload_optimizer: str = "none"
     """none | cpu: ZeRO optimizer-state offload."""
     offload_param: str = "none"
