@@ -15,7 +15,7 @@ from moetrain.eval.summary import RunSummaryCallback
 from moetrain.export.callback import ExportCallback, WarmStartCallback
 from moetrain.train.callback import Callback
 from moetrain.train.callbacks import CheckpointCallback, HeldOutEvalCallback, MoERouterCallback
-from moetrain.train.guards import NonFiniteGuard, PreemptionCallback
+from moetrain.train.guards import NonFiniteGuard, PreemptionCallback, SpikeGuard
 from moetrain.train.sinks import ConsoleSink, JsonlSink, WandbSink
 from moetrain.train.trainer import Trainer, TrainState
 
@@ -24,7 +24,7 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     """Order matters only among equal priorities (the sinks: file, W&B, console)."""
     return [WarmStartCallback(), MoERouterCallback(), HeldOutEvalCallback(), LongContextEvalCallback(),
             CheckpointCallback(), ExportCallback(), RunSummaryCallback(), JsonlSink(), WandbSink(), ConsoleSink(cfg.logging.console),
-            PreemptionCallback(), NonFiniteGuard()]
+            PreemptionCallback(), NonFiniteGuard(), SpikeGuard()]
 
 
 def train(cfg: TrainConfig, run_dir: str, resume: str = "auto", overwrite: bool = False,

@@ -11,6 +11,13 @@ Writes OUT/eval.json, OUT/loss_by_position.png and OUT/passkey_heatmap.png.
 Evaluation settings (depths, windows, buckets, batch size, seed) come from the config's
 `eval` section: --config FILE, else the run's config.yaml, else the defaults; --set
 overrides them, and --lengths/--depths/--trials override those.
+
+Logits are computed only where a metric needs them (the passkey answer positions; chunks
+of the chunked cross-entropy), never as a [B, S, V] tensor. Launched with several
+processes (torchrun --nproc_per_node N scripts/eval_long.py ...) the passkey batches and
+loss windows are split over them, and a run trained with sequence parallelism is
+evaluated sequence-parallel (N a multiple of its deepspeed.sequence_parallel_size); rank 0
+writes the results.
 """
 import argparse
 import json
@@ -36,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--trials", type=int, default=100, help="passkey trials per cell (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="prepared folder for held-out documents and the tokenizer "
                    "(default: the run's data.dir; needed for HF folders' loss curves)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), "
+                   "cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
     p.add_argument("--config", default=None, help="YAML config whose eval section to use")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     return p.parse_args(argv)
@@ -78,21 +88,49 @@ def eval_config(args):
     return ecfg
 
 
+def join_processes(device_arg: str):
+    """(rank, device). Under torchrun/deepspeed (WORLD_SIZE > 1) this joins the process group
+    (NCCL on CUDA, else gloo), so the evaluation's work is split over the processes."""
+    import torch
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device_arg)
+        except RuntimeError:
+            raise ValueError(f"--device '{device_arg}' is not a device; give auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device_arg}: CUDA is not available here; use --device cpu")
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if dist.is_initialized() else 0), device
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        import torch
         from moetrain.eval import evaluate, flat_metrics, load_for_eval, write_result
         ecfg = eval_config(args)
         lengths = _ints(args.lengths, "lengths") if args.lengths else None
-        m = load_for_eval(args.model, args.data_dir)
+        rank, device = join_processes(args.device)
+        m = load_for_eval(args.model, args.data_dir, device, torch.bfloat16 if args.dtype == "bf16" else None)
         lengths = lengths or [int(x) for x in ecfg.lengths] or [m.max_len]
         result = evaluate(m.forward, m.tokenizer, m.data_dir, lengths, ecfg, trials=args.trials)
         result["model"] = m.info
+        result["notes"] += [m.info["note"]] if "note" in m.info else []
         result["metrics"] = flat_metrics(result, max(lengths))
-        write_result(result, args.out, os.path.basename(os.path.normpath(args.model)))
+        if rank == 0:
+            write_result(result, args.out, os.path.basename(os.path.normpath(args.model)))
     except (ValueError, FileNotFoundError) as e:  # ConfigError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     for note in result["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(json.dumps(result["metrics"], indent=1))

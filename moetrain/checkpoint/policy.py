@@ -14,7 +14,7 @@ from moetrain.config import TrainConfig, config_from_dict, load_config, to_dict
 
 # Model fields a resumed run may change: they alter what is computed around the weights
 # (or how), never the weights' shapes.
-_FREE_ON_RESUME = ("attention", "rope", "activation_checkpointing", "loss_chunk_size", "init_from")
+_FREE_ON_RESUME = ("attention", "rope", "activation_checkpointing", "loss_chunk_size", "loss_impl", "init_from")
 
 
 def prepare_run_dir(run_dir: str, resume: str, overwrite: bool, rank: int) -> Optional[str]:
@@ -87,8 +87,11 @@ def checkpoint_problem(ckpt_dir: str) -> Optional[str]:
 
 
 def check_same_model(cfg: TrainConfig, ckpt_dir: str) -> None:
-    saved = read_client_state(ckpt_dir)["config"]["model"]
+    saved = dict(read_client_state(ckpt_dir)["config"]["model"])
     now = to_dict(cfg.model)
+    # model.moe.ep_size only decides where the experts live: a resume re-splits them (reshard.py)
+    now["moe"] = {k: v for k, v in now["moe"].items() if k != "ep_size"}
+    saved["moe"] = {k: v for k, v in (saved.get("moe") or {}).items() if k != "ep_size"}
     diff = [k for k in now if k not in _FREE_ON_RESUME and now[k] != saved.get(k)]
     if diff:
         raise ValueError(f"checkpoint {ckpt_dir} has a different model.{diff[0]} ({saved.get(diff[0])!r} vs "

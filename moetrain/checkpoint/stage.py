@@ -21,7 +21,7 @@ def stage_of(cfg: TrainConfig, client: dict) -> StagePlan:
     """The last stage that ran before `client` (a checkpoint's client_state) was saved,
     planned for the world size that trained it, exactly as the trainer entered it."""
     from moetrain.train.schedule import plan_stages  # lazy: train/ may import this package
-    plans = plan_stages(cfg, client.get("world_size", 1))
+    plans = plan_stages(cfg, max(1, client.get("world_size", 1) // cfg.deepspeed.sequence_parallel_size))
     idx = min(int(client.get("stage", len(plans) - 1)), len(plans) - 1)
     if client.get("step_in_stage") == 0 and idx > 0:
         idx -= 1  # saved right at a stage boundary: the next stage has not run a single step yet

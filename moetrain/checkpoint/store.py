@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from moetrain.checkpoint import layout
+from moetrain.checkpoint import layout, reshard
 from moetrain.checkpoint.experts import load_expert_shards, save_expert_shards
 from moetrain.parallel.dims import barrier
 
@@ -99,7 +99,8 @@ def _write_rank_files(engine, ckpt_root: str, tmp_tag: str, client: dict, rank_s
     os.makedirs(tmp, exist_ok=True)
     _write_json(layout.rank_state_path(tmp, rank), {**rank_state, "rng": _rng_state()})
     _atomic_write(layout.torch_rng_path(tmp, rank), lambda f: torch.save(torch.get_rng_state(), f))
-    if rank == 0:
+    if rank == 0:  # + the optimizer's parameter names: what lets reshard.py re-split ZeRO-0 state
+        client = {**client, reshard.OPTIM_NAMES: reshard.optimizer_param_names(engine)}
         _write_json(os.path.join(tmp, layout.CLIENT_STATE), client, indent=1)
 
 
@@ -198,11 +199,15 @@ def _to(obj, device):
 
 def load(engine, ckpt_dir: str, rank: int, world: int,
          ep_groups: Optional[EPGroups] = None) -> tuple[dict, dict]:
-    """Collective. Restores engine (+ expert shards) and RNG; returns (client_state, this rank's state)."""
+    """Collective. Restores engine (+ expert shards) and RNG; returns (client_state, this rank's state).
+    A checkpoint of another layout (process count, ZeRO stage, model.moe.ep_size) is re-split
+    (reshard.py); the same layout loads through DeepSpeed, bit for bit."""
     client = read_client_state(ckpt_dir)
-    if client["world_size"] != world:
-        raise ValueError(f"checkpoint {ckpt_dir} was written by {client['world_size']} processes but this "
-                         f"launch has {world}; relaunch with {client['world_size']} or start a new run dir")
+    if reshard.saved_layout(client) != reshard.current_layout(engine, world, ep_groups):
+        reshard.load_resharded(engine, ckpt_dir, client, world, ep_groups)
+        rank_state, torch_rng = reshard.rank_state(ckpt_dir, client, rank)
+        _set_rng_state(rank_state.pop("rng"), torch_rng)
+        return client, rank_state
     root, tag = os.path.split(os.path.normpath(ckpt_dir))
     engine.checkpoint_engine = _safe_checkpoint_engine(engine.checkpoint_engine)
     load_path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,

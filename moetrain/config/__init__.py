@@ -18,14 +18,14 @@ from moetrain.config.schema import (AttentionConfig, CheckpointConfig, DataConfi
                                     EvalConfig, ExportConfig, LoggingConfig, ModelConfig, MoEConfig,
                                     OptimConfig, RopeConfig, StageConfig, TrainConfig, TrainSection,
                                     WandbConfig)
-from moetrain.config.validate import (ATTENTION_KINDS, ROPE_TYPES, head_dim, stage_attention, stage_data,
-                                      validate)
+from moetrain.config.validate import (ATTENTION_KINDS, ROPE_TYPES, grad_accum_for, head_dim, stage_attention,
+                                      stage_data, validate)
 
 
 __all__ = ["ATTENTION_KINDS", "ROPE_TYPES", "AttentionConfig", "CheckpointConfig", "ConfigError", "DataConfig",
            "DeepSpeedConfig", "EvalConfig", "ExportConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
            "OptimConfig", "RopeConfig", "StageConfig", "TrainConfig", "TrainSection", "WandbConfig",
-           "config_from_dict", "dump_yaml", "from_mapping", "head_dim", "load_config", "parse_override",
+           "config_from_dict", "dump_yaml", "from_mapping", "grad_accum_for", "head_dim", "load_config", "parse_override",
            "read_yaml_mapping", "register_list_items", "stage_attention", "stage_data", "to_dict", "validate"]
 
 

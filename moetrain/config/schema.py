@@ -143,7 +143,10 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal init for linear and embedding weights."""
     loss_chunk_size: int = 1024
-    """Tokens per chunk of the chunked LM-head + cross-entropy (never full logits)."""
+    """Tokens per chunk of the LM-head + cross-entropy, chunked or fused (never full logits)."""
+    loss_impl: str = "auto"
+    """LM-head + cross-entropy: auto (fused on CUDA, chunked on CPU) | chunked (PyTorch, fp32 math) |
+    fused (Triton kernel, moetrain.kernels.fused_ce: bf16 GEMMs, fp32 softmax and accumulation)."""
     activation_checkpointing: bool = False
     """Recompute each block in backward to save activation memory."""
     init_from: Optional[str] = None
@@ -200,7 +203,7 @@ class StageConfig:
     micro_batch_size: Optional[int] = None
     """Sequences per micro-batch; None = keep tokens per micro-batch constant."""
     grad_accum_steps: Optional[int] = None
-    """Micro-batches per optimizer step; None = train.grad_accum_steps."""
+    """Micro-batches per optimizer step; None = train's (given or derived from train.global_batch_size)."""
     attention: Optional[dict] = None
     """Overrides of model.attention fields for this stage (e.g. {layer_types: [moba]})."""
     data: Optional[dict] = None
@@ -215,10 +218,14 @@ class TrainSection:
     """fp32 | bf16 (bf16 only makes sense on GPUs)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch per rank (stage 1; later stages keep tokens constant)."""
-    grad_accum_steps: int = 1
-    """Micro-batches per optimizer step."""
+    grad_accum_steps: Optional[int] = None
+    """Micro-batches per optimizer step; None = derived from global_batch_size (1 without it)."""
     global_batch_size: Optional[int] = None
-    """If set, must equal micro_batch_size x grad_accum_steps x data-parallel world size."""
+    """Sequences per optimizer step over all ranks (stage 1; later stages keep its accumulation, so
+    tokens per step stay constant). Set it and the accumulation is derived, global_batch_size /
+    (micro_batch_size x data-parallel size), as in Megatron and torchtitan: a run resumed on another
+    number of processes keeps its optimisation. Must be divisible by micro_batch_size x data-parallel
+    size; with grad_accum_steps also set, the two must agree."""
     eval_every_steps: int = 0
     """Held-out loss every N steps (0 = only at stage ends)."""
     eval_batches: int = 4

@@ -12,6 +12,7 @@ from moetrain.config.schema import (AttentionConfig, DataConfig, ModelConfig, Ro
 
 _CHOICES = {
     "model.attention.backend": ("auto", "sdpa", "reference", "triton", "chunked"),
+    "model.loss_impl": ("auto", "chunked", "fused"),
     "model.moe.router": ("softmax", "sigmoid"),
     "data.mode": ("packed", "window"),
     "data.split": ("train", "eval"),
@@ -127,18 +128,26 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(head_dim(m) % 2 == 0, f"head dim {head_dim(m)} must be even for RoPE")
     _need(m.loss_chunk_size > 0, f"model.loss_chunk_size={m.loss_chunk_size} must be positive")
     _validate_moe(cfg, world_size)
+    _validate_sequence_parallel(cfg, world_size)
     _validate_attention(m.attention, "model.attention")
     _validate_rope(m.rope, "model.rope", head_dim(m))
     _validate_stages(cfg)
     t = cfg.train
     _need(t.micro_batch_size > 0, f"train.micro_batch_size={t.micro_batch_size} must be positive")
-    _need(t.grad_accum_steps > 0, f"train.grad_accum_steps={t.grad_accum_steps} must be positive")
+    _need(t.grad_accum_steps is None or t.grad_accum_steps > 0,
+          f"train.grad_accum_steps={t.grad_accum_steps} must be positive (or null: derived from global_batch_size)")
     _need(t.max_steps is None or t.max_steps > 0, f"train.max_steps={t.max_steps} must be positive")
     if t.global_batch_size is not None:
-        dp = world_size
-        _need(t.global_batch_size == t.micro_batch_size * t.grad_accum_steps * dp,
-              f"train.global_batch_size={t.global_batch_size} != micro_batch_size {t.micro_batch_size} x "
-              f"grad_accum_steps {t.grad_accum_steps} x world size {dp}; fix one of them")
+        _need(t.global_batch_size > 0, f"train.global_batch_size={t.global_batch_size} must be positive")
+        # world_size=1 also means "not launched yet" (load_config): then only what holds at any size
+        # is checked here; the trainer's plan (grad_accum_for) checks the real data-parallel size.
+        dp = max(1, world_size // cfg.deepspeed.sequence_parallel_size)  # an SP group reads one batch
+        if world_size == 1:
+            _need(t.global_batch_size % t.micro_batch_size == 0,
+                  f"train.global_batch_size={t.global_batch_size} is not divisible by micro_batch_size "
+                  f"{t.micro_batch_size}; use a multiple of micro_batch_size x data-parallel size")
+        else:
+            grad_accum_for(t, dp)
     d = cfg.deepspeed
     _need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={d.zero_stage} must be 0, 1, 2 or 3")
     _need(d.offload_param == "none" or d.zero_stage == 3, "deepspeed.offload_param needs deepspeed.zero_stage=3")
@@ -165,6 +174,42 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
           "must be positive (the number of NaN/Inf steps in a row that stops training)")
     _validate_spike_guard(cfg.guards)
     _validate_ranges(cfg)
+
+
+def grad_accum_for(t, dp: int) -> int:
+    """train.grad_accum_steps at `dp` data-parallel ranks: as given, derived from
+    train.global_batch_size (Megatron's and torchtitan's rule), or 1. Raises ConfigError
+    when the global batch cannot be split that way."""
+    gbs, mbs = t.global_batch_size, t.micro_batch_size
+    if gbs is None:
+        return t.grad_accum_steps or 1
+    per_step = mbs * dp
+    _need(gbs % per_step == 0, f"train.global_batch_size={gbs} is not divisible by micro_batch_size {mbs} x "
+          f"data-parallel size {dp} = {per_step}; use a multiple of {per_step} or another micro_batch_size")
+    ga = gbs // per_step
+    _need(t.grad_accum_steps in (None, ga), f"train.global_batch_size={gbs} != micro_batch_size {mbs} x "
+          f"grad_accum_steps {t.grad_accum_steps} x data-parallel size {dp}; drop train.grad_accum_steps "
+          f"(it is derived from the global batch: {ga} here) or fix one of them")
+    return ga
+
+
+def _validate_sequence_parallel(cfg: TrainConfig, world_size: int) -> None:
+    """DeepSpeed-Ulysses (moetrain/parallel/sequence.py): one size per run, heads split over
+    the group, every sequence cut into equal contiguous shards."""
+    sp, m, w = cfg.deepspeed.sequence_parallel_size, cfg.model, "deepspeed.sequence_parallel_size"
+    _need(isinstance(sp, int) and sp >= 1, f"{w}={sp!r} must be a positive integer (1 turns it off)")
+    if sp == 1:
+        return
+    _need(world_size == 1 or world_size % sp == 0,
+          f"world size {world_size} is not divisible by {w}={sp}; launch a multiple of {sp} processes")
+    _need(m.n_heads % sp == 0, f"model.n_heads={m.n_heads} is not divisible by {w}={sp} (Ulysses gives every "
+          f"rank n_heads/{sp} heads); choose a size that divides {m.n_heads}")
+    _need(m.n_kv_heads % sp == 0 or sp % m.n_kv_heads == 0,
+          f"model.n_kv_heads={m.n_kv_heads} and {w}={sp}: one must divide the other (KV heads are split "
+          "over the group, or replicated when there are fewer)")
+    for i, s in enumerate(cfg.stages):
+        _need(s.seq_len % sp == 0, f"stages[{i}].seq_len={s.seq_len} is not divisible by {w}={sp} "
+              "(every rank holds an equal contiguous shard); make it a multiple")
 
 
 def _validate_ranges(cfg: TrainConfig) -> None:

@@ -1,8 +1,12 @@
 """The long-context evaluation: passkey grid + loss by position, eval.json, plots, W&B.
 
-`evaluate` works on any `forward(input_ids, position_ids=None) -> logits`, so
-the training engine (stage ends), a loaded checkpoint and a transformers model
-(scripts/eval_long.py) all go through the same code.
+`evaluate` works on any eval forward (moetrain/eval/loading.py: the training
+engine at stage ends, a loaded checkpoint, a transformers model in
+scripts/eval_long.py), which projects onto the vocabulary only the positions a
+metric needs: never a [B, S, V] logits tensor, whatever the length. Under
+torch.distributed every rank calls it; the passkey batches and loss windows are
+split over the data-parallel ranks (a sequence-parallel group shares one batch)
+and the results summed, so every rank returns the full result.
 
 eval.json holds: settings, passkey (lengths, depths, trials, accuracy[length][depth],
 accuracy_by_length, overall), loss_by_position ({length: bucket_start, bucket_end,

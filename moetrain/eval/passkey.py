@@ -15,17 +15,24 @@ Prompts come from moetrain.data.synthetic (the training format), seeded per
 (length, depth) cell, so every model and stage sees the very same trials.
 Each trial (prompt and answer) fits in the cell's context length.
 
-`forward(input_ids [B, S] long, position_ids=None) -> logits [B, S, V]`.
+Logits come only for the answer positions (`logits_at`): one [B, K, V] block with K the
+answer's token count, never [B, S, V] (moetrain/eval/loading.py: run_head). The grid's
+batches are split over the data-parallel ranks (each sequence-parallel group takes its
+share together) and the correct counts are summed over the ranks, so every rank ends
+with the full grid, the same as one process computes it: the batches are formed the
+same way whatever the world size, and each is scored alone.
 """
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from moetrain.data.synthetic import passkey_sample
+from moetrain.eval.loading import eval_layout, run_head
 
 _LEADING_DIGITS = re.compile(r"\d*")
 
@@ -60,8 +67,23 @@ def _pad_batch(seqs: list, pad_id: int) -> torch.Tensor:
     return out
 
 
-def _argmax_at(logits: torch.Tensor, row: int, start: int, n: int) -> list:
-    return logits[row, start:start + n].argmax(-1).tolist()
+def logits_at(index_BK: torch.Tensor) -> Callable:
+    """A head: float32 logits [B, K, V] at positions index [B, K] only (zeros for positions
+    outside this rank's sequence shard)."""
+    def head(h, w, start):
+        local = index_BK.to(h.device) - start
+        inside = (local >= 0) & (local < h.shape[1])
+        rows = torch.arange(h.shape[0], device=h.device)[:, None]
+        sel_BKd = h[rows, local.clamp(0, h.shape[1] - 1)].float()
+        logits = sel_BKd if w is None else sel_BKd @ w.float().t()
+        return logits * inside[..., None]
+    return head
+
+
+def _greedy(forward, seqs: list, starts: list, n: int, pad_id: int) -> list:
+    """Greedy tokens [row][t] predicted at positions starts[row] + t, t < n (one forward)."""
+    index = torch.tensor([[min(st + t, len(sq) - 1) for t in range(n)] for sq, st in zip(seqs, starts)])
+    return run_head(forward, _pad_batch(seqs, pad_id), logits_at(index)).argmax(-1).cpu().tolist()
 
 
 def _open_anywhere(n_open: int) -> bool:
@@ -78,22 +100,22 @@ def score_batch(forward, samples: list, tokenizer) -> list:
     """Greedy-decoding exact match for each Sample (one teacher-forced forward, then
     token-by-token only for rows that left the answer's path)."""
     seqs = [s.prompt_ids + s.answer_ids[:-1] for s in samples]
-    logits = forward(_pad_batch(seqs, tokenizer.pad_id))
+    n_ans = max(len(s.answer_ids) for s in samples)
+    greedy = _greedy(forward, seqs, [len(s.prompt_ids) - 1 for s in samples], n_ans, tokenizer.pad_id)
     results, gens = [None] * len(samples), {}
     for i, s in enumerate(samples):
-        preds = _argmax_at(logits, i, len(s.prompt_ids) - 1, len(s.answer_ids))
+        preds = greedy[i][:len(s.answer_ids)]
         k = next((t for t, (p, a) in enumerate(zip(preds, s.answer_ids)) if p != a), len(preds))
         gen = s.answer_ids[:k] + preds[k:k + 1]
         results[i] = verdict(tokenizer.decode(gen), s.answer, len(gen), len(s.answer_ids))
         if results[i] is None:
             gens[i] = gen
-    del logits
     while _open_anywhere(len(gens)):
         rows = sorted(gens)
         seqs = [samples[i].prompt_ids + gens[i] for i in rows] or [[tokenizer.pad_id]]
-        logits = forward(_pad_batch(seqs, tokenizer.pad_id))
+        nxt = _greedy(forward, seqs, [len(sq) - 1 for sq in seqs], 1, tokenizer.pad_id)
         for j, i in enumerate(rows):
-            gens[i].append(_argmax_at(logits, j, len(seqs[j]) - 1, 1)[0])
+            gens[i].append(nxt[j][0])
             results[i] = verdict(tokenizer.decode(gens[i]), samples[i].answer, len(gens[i]),
                                  len(samples[i].answer_ids))
             if results[i] is not None:
@@ -101,10 +123,10 @@ def score_batch(forward, samples: list, tokenizer) -> list:
     return results
 
 
-def passkey_grid(forward, tokenizer, lengths: list, depths: list, trials: int, seed: int = 0,
-                 key_digits: int = 5, batch_tokens: int = 8192) -> dict:
-    """Accuracy per (length, depth) cell; lengths too short for the prompt are skipped."""
-    acc, skipped = {}, []
+def _batches(tokenizer, lengths, depths, trials, seed, key_digits, batch_tokens):
+    """([(length index, [(depth index, Sample)...]) batch...], lengths kept, notes): the batches
+    of the whole grid, formed as one process forms them (similar prompt lengths together)."""
+    batches, kept, skipped = [], [], []
     for length in lengths:
         try:
             cells = [make_trials(tokenizer, length, d, trials, seed, key_digits) for d in depths]
@@ -114,12 +136,46 @@ def passkey_grid(forward, tokenizer, lengths: list, depths: list, trials: int, s
         flat = [(c, s) for c, cell in enumerate(cells) for s in cell]
         flat.sort(key=lambda cs: len(cs[1].prompt_ids))  # similar lengths share a batch
         per_batch = max(1, batch_tokens // length)
-        correct = np.zeros(len(depths))
-        for b in range(0, len(flat), per_batch):
-            chunk = flat[b:b + per_batch]
-            for (c, _), ok in zip(chunk, score_batch(forward, [s for _, s in chunk], tokenizer)):
-                correct[c] += bool(ok)
-        acc[length] = [float(x) for x in correct / trials]
-    return {"lengths": [int(x) for x in acc], "depths": [float(d) for d in depths], "trials": int(trials),
-            "key_digits": int(key_digits), "accuracy": [acc[x] for x in acc],
-            "accuracy_by_length": {str(x): float(np.mean(a)) for x, a in acc.items()}, "notes": skipped}
+        batches += [(len(kept), flat[b:b + per_batch]) for b in range(0, len(flat), per_batch)]
+        kept.append(length)
+    return batches, kept, skipped
+
+
+def my_rounds(n_items: int, forward) -> list:
+    """The items (indices) this rank works on, round-robin over the data-parallel ranks, one per
+    round; None pads the rounds so every rank runs as many forwards (they are collective under
+    ZeRO-3, expert and sequence parallelism)."""
+    dp_rank, dp_size, _ = eval_layout(forward)
+    n_rounds = -(-n_items // dp_size)
+    return [r * dp_size + dp_rank if r * dp_size + dp_rank < n_items else None for r in range(n_rounds)]
+
+
+def sum_over_ranks(t: torch.Tensor, forward) -> torch.Tensor:
+    """Sum of each sequence-parallel group's lead's `t` over all ranks (t itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    lead = eval_layout(forward)[2]
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    out = (t if lead else torch.zeros_like(t)).to(dev)
+    dist.all_reduce(out)
+    return out.cpu()
+
+
+def passkey_grid(forward, tokenizer, lengths: list, depths: list, trials: int, seed: int = 0,
+                 key_digits: int = 5, batch_tokens: int = 8192) -> dict:
+    """Accuracy per (length, depth) cell; lengths too short for the prompt are skipped.
+    Collective when torch.distributed is initialised: every rank calls it, does its share."""
+    batches, kept, skipped = _batches(tokenizer, lengths, depths, trials, seed, key_digits, batch_tokens)
+    correct = torch.zeros(len(kept), len(depths), dtype=torch.int64)
+    cheapest = min(range(len(batches)), key=lambda i: sum(len(s.prompt_ids) for _, s in batches[i][1]), default=0)
+    for b in my_rounds(len(batches), forward):
+        li, chunk = batches[b if b is not None else cheapest]
+        oks = score_batch(forward, [s for _, s in chunk], tokenizer)
+        if b is None:
+            continue  # a padding round: the same forwards as the others, results dropped
+        for (c, _), ok in zip(chunk, oks):
+            correct[li, c] += bool(ok)
+    acc = (sum_over_ranks(correct, forward).double() / trials).tolist()
+    return {"lengths": [int(x) for x in kept], "depths": [float(d) for d in depths], "trials": int(trials),
+            "key_digits": int(key_digits), "accuracy": acc,
+            "accuracy_by_length": {str(x): float(np.mean(a)) for x, a in zip(kept, acc)}, "notes": skipped}

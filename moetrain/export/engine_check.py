@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 VENV_ENV = "MOETRAIN_VLLM_VENV"  # where the vLLM venv is, if not ROOT/.venv-vllm
 ENGINES = ("vllm",)
 MAX_DLOGPROB = {"fp32": 1e-3, "bf16": 5e-2}  # |log p_ours - log p_engine|: fp32 kernels differ ~1e-5
-N_PROMPTS, GEN_TOKENS, MIN_PROMPT = 8, 16, 64
+N_PROMPTS, GEN_TOKENS, MIN_PROMPT = 8, 16, 16
+REQUIRE_ENV = "MOETRAIN_REQUIRE_VLLM"  # "1" (CI): tests fail instead of skipping without the vLLM venv
 
 
 class EngineFailed(RuntimeError):
@@ -45,14 +48,21 @@ def engine_python(engine: str) -> str:
     return py
 
 
-def check_supported(rope_name: str, plan, mcfg) -> None:
+def check_supported(rope, plan, mcfg) -> None:
     """Refuse what vLLM 0.32 serves as another model by construction (README, "Export and
-    serving"), found by this check's prompt log-probabilities and then in vLLM's source."""
+    serving"), found by this check's prompt log-probabilities and then in vLLM's source.
+    `rope` is the model's RopeScaling strategy (model.rotary.rope)."""
     from moetrain.export.verify import LENGTH_DEPENDENT_ROPE
-    if rope_name in LENGTH_DEPENDENT_ROPE:
-        raise ExportError(f"--verify-engine vllm with {rope_name} RoPE: vLLM fixes its frequencies for the longest "
+    if rope.name in LENGTH_DEPENDENT_ROPE:
+        raise ExportError(f"--verify-engine vllm with {rope.name} RoPE: vLLM fixes its frequencies for the longest "
                           "context and keeps cached keys, while the model picks them from the current length; "
                           "the two differ by design, so there is nothing exact to check (drop --verify-engine)")
+    if rope.name == "yarn" and rope.original_max * rope.factor < rope.max_position_embeddings:
+        # vLLM's YaRN tables hold original x factor positions, whatever max_position_embeddings says
+        raise ExportError(f"--verify-engine vllm with YaRN factor {rope.factor:g} x original context "
+                          f"{rope.original_max} < trained context {rope.max_position_embeddings}: vLLM's YaRN "
+                          "has no rotation for the positions beyond; set the stage's rope.factor >= "
+                          f"{rope.max_position_embeddings / rope.original_max:g}")
     if len(set(plan.layer_kinds)) > 1:
         # vLLM sets its one model-wide window only when every layer_types entry is sliding, and
         # its Mixtral/Qwen2-MoE/Qwen3-MoE pass no per-layer window: every layer attends in full.
@@ -87,7 +97,8 @@ def engine_prompts(lengths: list, vocab_size: int, data_dir=None, seed: int = 0)
 
 
 def _eval_tokens(data_dir: str, need: int):
-    """The longest eval document of a prepared folder, or None when there is none long enough."""
+    """The longest eval document of a prepared folder when it holds `need` tokens, else the eval
+    documents one after another (as packed training sees them); None without enough eval text."""
     try:
         from moetrain.data.shards import SplitData
         split = SplitData(data_dir, "eval", verify_hashes=False)
@@ -97,7 +108,11 @@ def _eval_tokens(data_dir: str, need: int):
         return None
     doc = int(np.argmax(split.lengths))
     n = int(split.lengths[doc])
-    return split.tokens(doc, 0, n) if n >= need else None
+    if n >= need:
+        return split.tokens(doc, 0, n)
+    if int(np.sum(split.lengths)) < need:
+        return None
+    return np.concatenate([split.tokens(d, 0, int(split.lengths[d])) for d in range(len(split.docs))])
 
 
 @torch.no_grad()
@@ -120,22 +135,48 @@ def reference(model, prompts: list, gen: int = GEN_TOKENS) -> list:
     return out
 
 
-def run_vllm(hf_dir: str, prompts: list, gen: int, max_model_len: int, python: str, timeout: int = 1800) -> dict:
-    """vllm_check.py in the vLLM venv; its stderr tail becomes the error when it fails."""
+def _error_line(stderr: str) -> str:
+    """The most specific error line of vLLM's output: its last `...Error: ...` line that is not
+    the engine core's generic wrapper, else the last line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception): ", ln)
+              and "Engine core initialization failed" not in ln]
+    return (errors or lines or ["no output"])[-1]
+
+
+def run_vllm_jobs(jobs: list, python: str, timeout: Optional[int] = None) -> tuple:
+    """One vllm_check.py process for several exports (one vLLM import). `jobs`: dicts with
+    model (folder), prompts, max_tokens, max_model_len. Returns (versions, [results per job])."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_check.py")
+    timeout = timeout or 600 + 600 * len(jobs)
     with tempfile.TemporaryDirectory() as tmp:
         req, res = os.path.join(tmp, "request.json"), os.path.join(tmp, "result.json")
         with open(req, "w") as f:
-            json.dump({"model": os.path.abspath(hf_dir), "prompts": prompts, "max_tokens": gen,
-                       "max_model_len": max_model_len}, f)
+            json.dump({"jobs": [{**j, "model": os.path.abspath(j["model"])} for j in jobs]}, f)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        proc = subprocess.run([python, script, req, res], capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=tmp)
-        if proc.returncode != 0 or not os.path.isfile(res):
-            tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-1:] or ["no output"]
-            raise EngineFailed(f"vLLM could not run the export (exit {proc.returncode}): {tail[0]}")
-        with open(res) as f:
-            return json.load(f)
+        try:
+            proc = subprocess.run([python, script, req, res], capture_output=True, text=True, timeout=timeout,
+                                  env=env, cwd=tmp)
+            code, err = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            code, err = "timeout", f"TimeoutError: no result after {timeout} s\n"
+        done = []
+        if os.path.isfile(res):
+            with open(res) as f:
+                result = json.load(f)
+            done = result["jobs"]
+        if code != 0 or len(done) != len(jobs):
+            model = jobs[len(done)]["model"] if len(done) < len(jobs) else "?"
+            raise EngineFailed(f"vLLM could not run the export {model} (exit {code}): {_error_line(err or '')}")
+    versions = {k: v for k, v in result.items() if k.endswith("_version")}
+    return versions, [j["results"] for j in done]
+
+
+def run_vllm(hf_dir: str, prompts: list, gen: int, max_model_len: int, python: str) -> dict:
+    """One export: {**versions, "results": [per prompt]} (the form compare() reads)."""
+    versions, (results,) = run_vllm_jobs([{"model": hf_dir, "prompts": prompts, "max_tokens": gen,
+                                           "max_model_len": max_model_len}], python)
+    return {**versions, "results": results}
 
 
 @dataclass
@@ -204,15 +245,19 @@ def compare(ours: list, theirs: dict, prompts: list, tol: float, engine: str = "
                             sum(len(a["tokens"]) for a in ours), div, real_split)
 
 
+def prepare(model, vocab_size: int, max_len: int, data_dir=None) -> tuple:
+    """(prompts, our reference) for an export of `model` trained at context `max_len`."""
+    prompts = engine_prompts(prompt_lengths(max_len), vocab_size, data_dir)
+    return prompts, reference(model, prompts)
+
+
 def check_engine(model, hf_dir: str, vocab_size: int, max_len: int, dtype: str = "fp32", engine: str = "vllm",
                  data_dir=None, log=lambda m: None) -> EngineComparison:
     """The whole check for an exported folder `hf_dir` of `model` (the model as exported)."""
     python = engine_python(engine)
-    prompts = engine_prompts(prompt_lengths(max_len), vocab_size, data_dir)
-    log(f"{engine}: {len(prompts)} prompts of {len(prompts[0])}-{len(prompts[-1])} tokens, {GEN_TOKENS} greedy "
-        "tokens each; computing ours")
-    ours = reference(model, prompts)
+    log(f"{engine}: {N_PROMPTS} prompts of {prompt_lengths(max_len)[0]}-{prompt_lengths(max_len)[-1]} tokens, "
+        f"{GEN_TOKENS} greedy tokens each; computing ours")
+    prompts, ours = prepare(model, vocab_size, max_len, data_dir)
     log(f"{engine}: starting the engine in {os.path.dirname(os.path.dirname(python))}")
     theirs = run_vllm(hf_dir, prompts, GEN_TOKENS, max_len, python)
     return compare(ours, theirs, prompts, MAX_DLOGPROB[dtype], engine)
-

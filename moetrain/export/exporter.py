@@ -76,7 +76,7 @@ def export_model(model, mcfg: ModelConfig, attn: AttentionConfig, out_dir: str, 
     model.eval()
     plan = plan_export(mcfg, attn, model.state_dict(), allow_approx)
     if verify_engine:
-        engine_check.check_supported(model.rotary.rope.name, plan, mcfg)
+        engine_check.check_supported(model.rotary.rope, plan, mcfg)
     original = copy.deepcopy(model) if not plan.exact else None
     apply_approximations(model, plan, attn)
     log(f"target {ARCHS[plan.arch][1]}" + ("" if plan.exact else f", approximated: {'; '.join(plan.approximations)}"))

@@ -2,12 +2,19 @@
 
     .venv-vllm/bin/python moetrain/export/vllm_check.py REQUEST.json RESULT.json
 
-REQUEST: {"model": HF_DIR, "prompts": [[ids...], ...], "max_tokens": N, "max_model_len": L}
+REQUEST: {"jobs": [{"model": HF_DIR, "prompts": [[ids...], ...], "max_tokens": N, "max_model_len": L}, ...]}
 RESULT:  {"vllm_version", "torch_version", "transformers_version",
-          "results": [{"prompt_logprobs": [lp(token 1 | 0), ...], "tokens": [...], "logprobs": [...]}]}
+          "jobs": [{"model": HF_DIR, "results": [{"prompt_logprobs": [lp(token 1 | 0), ...], "tokens": [...],
+                                                  "logprobs": [...]}]}, ...]}
+
+Several exports in one process (one vLLM import, one engine per export, shut down before the
+next starts): the engine core runs in its own process, so nothing of one export's engine
+(weights, KV cache, compiled graphs) is left to the next. RESULT is written after every
+job, so a failure in job k keeps jobs 0..k-1.
 
 Standalone on purpose: that venv has vLLM's torch/transformers and no moetrain.
 """
+import gc
 import json
 import os
 import sys
@@ -24,37 +31,59 @@ def _engine(model: str, max_model_len: int):
         return vllm.LLM(**kw)
 
 
+def _shutdown(llm) -> None:
+    """Stop the engine core process now (not at garbage collection) so that the next
+    engine starts alone and this one's memory is returned."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()
+
+
 def _chosen_logprob(entry, token: int) -> float:
     """vLLM gives {token_id: Logprob} per position; the chosen token is always in it."""
     return float(entry[token].logprob)
 
 
-def run(req: dict) -> dict:
-    import torch
-    import transformers
-    import vllm
+def run_job(job: dict) -> list:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = _engine(req["model"], int(req["max_model_len"]))
-    params = SamplingParams(temperature=0.0, max_tokens=int(req["max_tokens"]), ignore_eos=True, logprobs=0,
-                            prompt_logprobs=0, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in req["prompts"]], params, use_tqdm=False)
-    results = []
-    for prompt, out in zip(req["prompts"], outs):
-        plp = [_chosen_logprob(e, t) for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
-        gen = out.outputs[0]
-        toks = list(gen.token_ids)
-        results.append({"prompt_logprobs": plp, "tokens": toks,
-                        "logprobs": [_chosen_logprob(e, t) for e, t in zip(gen.logprobs, toks)]})
-    return {"vllm_version": vllm.__version__, "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "results": results}
+    llm = _engine(job["model"], int(job["max_model_len"]))
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=int(job["max_tokens"]), ignore_eos=True, logprobs=0,
+                                prompt_logprobs=0, detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False)
+        results = []
+        for prompt, out in zip(job["prompts"], outs):
+            plp = [_chosen_logprob(e, t) for e, t in zip(out.prompt_logprobs[1:], prompt[1:])]
+            gen = out.outputs[0]
+            toks = list(gen.token_ids)
+            results.append({"prompt_logprobs": plp, "tokens": toks,
+                            "logprobs": [_chosen_logprob(e, t) for e, t in zip(gen.logprobs, toks)]})
+        return results
+    finally:
+        _shutdown(llm)
+
+
+def main(request_path: str, result_path: str) -> None:
+    import torch
+    import transformers
+    import vllm
+
+    with open(request_path) as f:
+        request = json.load(f)
+    result = {"vllm_version": vllm.__version__, "torch_version": torch.__version__,
+              "transformers_version": transformers.__version__, "jobs": []}
+    for job in request["jobs"]:
+        print(f"[vllm_check] {job['model']}: {len(job['prompts'])} prompts", file=sys.stderr, flush=True)
+        result["jobs"].append({"model": job["model"], "results": run_job(job)})
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(result, f)
+        os.replace(result_path + ".tmp", result_path)
 
 
 if __name__ == "__main__":  # vLLM starts worker processes that re-import the main module
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is far more than tiny exports need
-    with open(sys.argv[1]) as f:
-        request = json.load(f)
-    result = run(request)
-    with open(sys.argv[2], "w") as f:
-        json.dump(result, f)
+    main(sys.argv[1], sys.argv[2])

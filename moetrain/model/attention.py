@@ -157,6 +157,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
-        fn = get_backend(self.backend)
-        o = fn(q, k, v, causal=True, cu_seqlens=cu_seqlens if self.doc_masking else None, **self.kernel_kwargs)
+        o = self.core(q, k, v, cu_seqlens)
         return self.o_proj(o.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def core(self, q_BHSD, k_BHSD, v_BHSD, cu_seqlens: Optional[torch.Tensor] = None):
+        """The attention itself on rotated q [B, Hq, S, D], k/v [B, Hkv, S, D] -> [B, Hq, S, D].
+        The seam for sequence parallelism (moetrain/parallel/sequence.py wraps it in the
+        Ulysses all-to-all from outside)."""
+        fn = get_backend(self.backend)
+        return fn(q_BHSD, k_BHSD, v_BHSD, causal=True, cu_seqlens=cu_seqlens if self.doc_masking else None,
+                  **self.kernel_kwargs)

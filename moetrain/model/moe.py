@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from moetrain.config import ModelConfig, MoEConfig
 from moetrain.kernels import moe_permute
+from moetrain.model.shard import SequenceShard
 
 
 class SwiGLU(nn.Module):
@@ -114,30 +115,39 @@ class TopKRouter(nn.Module):
 
 # --------------------------------------------------------------------------- losses
 def load_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
-                        counts_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        counts_E: Optional[torch.Tensor] = None,
+                        mean_probs_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch/GShard aux loss E * sum_e f_e * P_e; equals 1 under uniform routing.
 
     f_e: fraction of (token, slot) assignments sent to e (from `counts_E` when
-    given, e.g. summed over data-parallel ranks); P_e: mean router prob here."""
+    given, e.g. summed over data-parallel ranks); P_e: mean router prob here
+    (`mean_probs_E` when given, e.g. over a sequence split across ranks)."""
     E = probs_TE.shape[-1]
     if counts_E is None:
         counts_E = torch.bincount(experts_TK.flatten(), minlength=E)
     f = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp_min(1)
-    return E * (f * probs_TE.mean(dim=0)).sum()
+    return E * (f * (probs_TE.mean(dim=0) if mean_probs_E is None else mean_probs_E)).sum()
 
 
 def sequence_balancing_loss(probs_TE: torch.Tensor, experts_TK: torch.Tensor,
-                            segments_T: torch.Tensor) -> torch.Tensor:
+                            segments_T: torch.Tensor, n: Optional[int] = None,
+                            shard: Optional[SequenceShard] = None) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss: the Switch loss inside each sequence,
     averaged over sequences (1 when every one is balanced). `segments_T` numbers the
-    sequence of each token 0..N-1: the batch rows, or the packed documents."""
+    sequence of each token 0..N-1: the batch rows, or the packed documents. Under
+    sequence parallelism `shard` sums the per-sequence counts and probabilities over
+    the ranks holding the other parts of the sequences (`n`: the number of sequences)."""
     E, K = probs_TE.shape[-1], experts_TK.shape[-1]
-    n = int(segments_T.max()) + 1
+    n = n if n is not None else int(segments_T.max()) + 1
     seg_TK = segments_T[:, None].expand_as(experts_TK)
     counts_NE = probs_TE.new_zeros(n, E).index_put_((seg_TK.reshape(-1), experts_TK.reshape(-1)),
                                                    probs_TE.new_ones(experts_TK.numel()), accumulate=True)
-    tokens_N = torch.bincount(segments_T, minlength=n).to(probs_TE.dtype).clamp_min(1)[:, None]
-    mean_probs_NE = probs_TE.new_zeros(n, E).index_add_(0, segments_T, probs_TE) / tokens_N
+    tokens_N = torch.bincount(segments_T, minlength=n)
+    probs_NE = probs_TE.new_zeros(n, E).index_add_(0, segments_T, probs_TE)
+    if shard is not None and shard.size > 1:
+        counts_NE, tokens_N, probs_NE = shard.sum(counts_NE), shard.sum(tokens_N), shard.sum(probs_NE)
+    tokens_N = tokens_N.to(probs_TE.dtype).clamp_min(1)[:, None]
+    mean_probs_NE = probs_NE / tokens_N
     return E * (counts_NE / (tokens_N * K) * mean_probs_NE).sum(-1).mean()
 
 
@@ -321,6 +331,7 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = (dispatcher if dispatcher is not None
                                        else LocalDispatcher(EXPERT_PATHS[m.experts_backend]))
         self.last_stats: dict = {}
+        self.shard = SequenceShard()  # sequence parallelism: MoETransformer.set_sequence_shard
 
     def set_dispatcher(self, dispatcher: Dispatcher) -> None:
         """THE extension point for parallelism: replace how this layer runs its experts
@@ -335,8 +346,7 @@ class MoE(nn.Module):
         r = self.router(x_Td)
         experts_TK = r.experts_TK
         if self.capacity_factor is not None:
-            cap = expert_capacity(x_Td.shape[0], self.top_k, self.n_experts, self.capacity_factor)
-            experts_TK = apply_capacity(r.weights_TK, experts_TK, self.n_experts, cap)
+            experts_TK = self._capacity(r, x_BSd.shape[0] if x_BSd.dim() == 3 else 1)
         y = self.dispatcher.run_experts(self.experts, x_Td, r.weights_TK, experts_TK)
         if self.shared_experts is not None:
             shared = self.shared_experts(x_Td)
@@ -344,22 +354,38 @@ class MoE(nn.Module):
         aux = self._balancing(r, experts_TK, x_BSd.shape[0] if x_BSd.dim() == 3 else 1, cu_seqlens)
         return y.view_as(x_BSd), aux
 
+    def _capacity(self, r: Routing, rows: int):
+        """Capacity mode over the whole sequences: under sequence parallelism every rank
+        decides on all shards' assignments (gathered) and keeps its own part."""
+        sh = self.shard
+        w_TK, e_TK = sh.gather_tokens(r.weights_TK.detach(), rows), sh.gather_tokens(r.experts_TK, rows)
+        cap = expert_capacity(w_TK.shape[0], self.top_k, self.n_experts, self.capacity_factor)
+        return sh.local_tokens(apply_capacity(w_TK, e_TK, self.n_experts, cap), rows)
+
     def _balancing(self, r: Routing, kept_TK, B: int, cu_seqlens: Optional[torch.Tensor]):
+        """Balancing losses and router stats over the whole sequences (self.shard sums over
+        the sequence-parallel group, so they equal the unsharded values)."""
+        sh = self.shard
         counts = torch.bincount(r.experts_TK.flatten(), minlength=self.n_experts)  # routed choices, pre-drop
         global_counts = self.dispatcher.reduce_counts(counts)
-        lb = load_balancing_loss(r.probs_TE, r.experts_TK, global_counts)
-        z = router_z_loss(r.logits_TE)
+        counts = sh.sum(counts)
+        lb = load_balancing_loss(r.probs_TE, r.experts_TK, global_counts if global_counts is not None else counts,
+                                 mean_probs_E=sh.token_mean(r.probs_TE))
+        z = sh.token_mean(torch.logsumexp(r.logits_TE, dim=-1).pow(2))  # router_z_loss over all shards
         aux = self.aux_coef * lb + self.z_coef * z
         stats = {"lb_loss": lb.detach(), "z_loss": z.detach()}
         if self.seq_coef > 0:
-            sequences_T = sequence_ids(B, r.probs_TE.shape[0] // B, cu_seqlens, r.probs_TE.device)
-            seq = sequence_balancing_loss(r.probs_TE, r.experts_TK, sequences_T)
+            S = r.probs_TE.shape[0] // B * sh.size  # whole-sequence length
+            sequences_T = sh.local_tokens(sequence_ids(B, S, cu_seqlens, r.probs_TE.device), B)
+            n = None if sh.size == 1 else (B if cu_seqlens is None else cu_seqlens.numel() - 1)
+            seq = sequence_balancing_loss(r.probs_TE, r.experts_TK, sequences_T, n, sh)
             aux = aux + self.seq_coef * seq
             stats["seq_loss"] = seq.detach()
         with torch.no_grad():
             p = r.probs_TE
-            stats.update(counts=counts, dropped=(kept_TK < 0).sum(), assignments=kept_TK.numel(),
-                         tokens=kept_TK.shape[0], entropy=-(p * p.clamp_min(1e-20).log()).sum(-1).mean())
+            stats.update(counts=counts, dropped=sh.sum((kept_TK < 0).sum()), assignments=kept_TK.numel() * sh.size,
+                         tokens=kept_TK.shape[0] * sh.size,
+                         entropy=sh.token_mean(-(p * p.clamp_min(1e-20).log()).sum(-1)))
         self.last_stats = stats
         return aux
 

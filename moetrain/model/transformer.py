@@ -15,10 +15,11 @@ import torch.nn.functional as F
 
 from moetrain.config import AttentionConfig, ModelConfig, RopeConfig, head_dim
 from moetrain.model.attention import Attention
-from moetrain.model.loss import chunked_cross_entropy
+from moetrain.model.loss import linear_cross_entropy
 from moetrain.model.moe import MoE, SwiGLU
 from moetrain.model.norm import RMSNorm
 from moetrain.model.rope import RotaryEmbedding
+from moetrain.model.shard import SequenceShard
 
 
 @dataclass
@@ -54,19 +55,22 @@ class Block(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Output projection. Given labels it returns the chunked cross-entropy instead
-    of logits; the weight is only touched inside this module's forward, as ZeRO-3
-    (which gathers parameters per module call) requires."""
+    """Output projection. Given labels it returns the cross-entropy instead of logits,
+    chunked or fused (`impl`, model.loss_impl; moetrain.model.loss); the weight is only
+    touched inside this module's forward, as ZeRO-3 (which gathers parameters per
+    module call) requires. reduction="sum" lets a caller normalise by a global count."""
 
-    def __init__(self, d: int, vocab_size: int, chunk: int):
+    def __init__(self, d: int, vocab_size: int, chunk: int, impl: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, d))
         self.chunk = chunk
+        self.impl = impl
 
-    def forward(self, h_Td, labels_T=None):
+    def forward(self, h_Td, labels_T=None, reduction: str = "mean"):
         if labels_T is None:
             return F.linear(h_Td, self.weight)
-        return chunked_cross_entropy(h_Td, self.weight, labels_T, self.chunk)
+        return linear_cross_entropy(h_Td, self.weight, labels_T, chunk_size=self.chunk, impl=self.impl,
+                                    reduction=reduction)
 
 
 class MoETransformer(nn.Module):
@@ -77,10 +81,11 @@ class MoETransformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.loss_chunk_size)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.loss_chunk_size, cfg.loss_impl)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.rotary = RotaryEmbedding(cfg.rope, head_dim(cfg), self.max_position_embeddings)
+        self.seq_shard = SequenceShard()  # whole sequences; see set_sequence_shard
         self.reset_parameters()
 
     @torch.no_grad()
@@ -99,6 +104,14 @@ class MoETransformer(nn.Module):
         self.max_position_embeddings = max_position_embeddings
         self.rotary.set_rope(rope, max_position_embeddings)
 
+    def set_sequence_shard(self, shard: SequenceShard) -> None:
+        """Sequence parallelism (moetrain/parallel/sequence.py): this rank's tokens are one
+        contiguous shard of each sequence; the loss and MoE statistics cover all shards."""
+        self.seq_shard = shard
+        for layer in self.layers:
+            if layer.is_moe:
+                layer.mlp.shard = shard
+
     def set_attention(self, attn: AttentionConfig) -> None:
         for layer in self.layers:
             layer.attn.set_pattern(attn)
@@ -107,8 +120,9 @@ class MoETransformer(nn.Module):
         B, S = input_ids.shape
         if cu_seqlens is not None and B != 1:
             raise ValueError(f"cu_seqlens needs batch size 1 (packed sequences), got batch {B}")
-        if position_ids is None:
-            position_ids = torch.arange(S, device=input_ids.device).expand(B, S)
+        if position_ids is None:  # global positions: a sequence-parallel shard starts at rank * S
+            start = self.seq_shard.rank * S
+            position_ids = torch.arange(start, start + S, device=input_ids.device).expand(B, S)
         x = self.embed(input_ids)
         cos, sin = self.rotary(position_ids, dtype=x.dtype)
         aux = x.new_zeros((), dtype=torch.float32)
@@ -123,7 +137,12 @@ class MoETransformer(nn.Module):
         stats = [l.mlp.last_stats for l in self.layers if l.is_moe]
         if labels is None:
             return ModelOutput(None, None, aux, self.lm_head(h), stats)
-        lm = self.lm_head(h.reshape(-1, h.shape[-1]), labels.reshape(-1))
+        sh = self.seq_shard
+        if sh.size > 1:  # mean over the label tokens of all shards: local sum / global count
+            lm = self.lm_head(h.reshape(-1, h.shape[-1]), labels.reshape(-1), reduction="sum")
+            lm = sh.sum(lm) / sh.sum((labels != -100).sum()).clamp_min(1).to(lm.dtype)
+        else:
+            lm = self.lm_head(h.reshape(-1, h.shape[-1]), labels.reshape(-1))
         return ModelOutput(lm + aux.to(lm.dtype), lm, aux, None, stats)
 
     # ------------------------------------------------------------------ accounting

@@ -12,7 +12,7 @@ import socket
 
 import torch
 
-from moetrain.config import TrainConfig
+from moetrain.config import TrainConfig, grad_accum_for
 from moetrain.optim import MoonlightMuon, muon_param_groups
 from moetrain.parallel.expert_parallel import moe_param_groups
 from moetrain.parallel.parallelize import Parallelism
@@ -77,7 +77,7 @@ def derive_deepspeed_config(cfg: TrainConfig, dp_world: int, micro_batch_size: i
     """The DeepSpeed JSON, derived from our config; `deepspeed.extra` merged last."""
     d, t = cfg.deepspeed, cfg.train
     mbs = micro_batch_size or t.micro_batch_size
-    ga = grad_accum_steps or t.grad_accum_steps
+    ga = grad_accum_steps or grad_accum_for(t, max(1, dp_world // d.sequence_parallel_size))
     zero = {
         "stage": d.zero_stage,
         "overlap_comm": d.overlap_comm and d.zero_stage > 0,
@@ -139,7 +139,8 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, parallelism: Parallel
     Expert shards are saved and loaded by moetrain.checkpoint, not by the engine."""
     import deepspeed
 
-    ds_config = derive_deepspeed_config(cfg, parallelism.dims.dp, micro_batch_size, grad_accum_steps)
+    # DeepSpeed averages over every rank, sequence-parallel ones included (moetrain/parallel/sequence.py)
+    ds_config = derive_deepspeed_config(cfg, parallelism.dims.zero_world, micro_batch_size, grad_accum_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
     return engine
 

@@ -23,6 +23,8 @@ class CheckpointCallback(Callback):
 
     def post_step(self, trainer) -> None:
         step = trainer.state.step
+        if trainer.reload_pending:  # a rollback (SpikeGuard) undoes this step: never save it
+            return
         if step % trainer.cfg.checkpoint.every_steps == 0 and step < trainer.total:
             self.save(trainer)
 
@@ -92,7 +94,7 @@ class MoERouterCallback(Callback):
         stats = trainer.step_metrics.router
         if stats is None:
             return
-        if self.bias:
+        if self.bias and not trainer.skip_update:  # a skipped update (guards) leaves the bias too
             update_expert_bias(trainer.model, router_counts(reduce_router_stats(stats)))
         self.monitor.observe(stats)
         if trainer.is_log_step():

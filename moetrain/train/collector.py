@@ -10,6 +10,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from moetrain.flops import PairCounter, attention_flops, dense_flops_per_token
 from moetrain.train.callback import Callback
 from moetrain.train.metrics import device_peak_flops
 
@@ -31,6 +32,12 @@ class MetricsCollector(Callback):
     def on_train_start(self, trainer) -> None:
         self.peak = device_peak_flops(trainer.device)
         self.tokens_at, self.seconds_at = trainer.state.tokens, trainer.step_seconds
+        if getattr(self, "pairs", None) is None:  # attention work of the real batches (moetrain/flops.py)
+            self.pairs = PairCounter()
+            self.pairs.attach(trainer.model)
+
+    def pre_step(self, trainer) -> None:
+        self.pairs.set_stage(trainer.cfg.model, trainer.plan.attention, trainer.plan.seq_len)
 
     def post_step(self, trainer) -> None:
         if trainer.is_log_step():
@@ -41,8 +48,9 @@ class MetricsCollector(Callback):
     def _record(self, trainer) -> dict:
         m, s, plan, world = trainer.step_metrics, trainer.state, trainer.plan, trainer.world
         t0 = time.perf_counter()
-        vec = torch.stack([m.loss, m.lm_loss, m.aux_loss, trainer.take_pending_tokens().to(torch.float64)])
-        loss, lm_loss, aux_loss, tokens = all_reduce_sum(vec).cpu().tolist()  # the one host sync
+        vec = torch.stack([m.loss, m.lm_loss, m.aux_loss, trainer.take_pending_tokens().to(torch.float64),
+                           self.pairs.take(m.loss.device)])
+        loss, lm_loss, aux_loss, tokens, pairs = all_reduce_sum(vec).cpu().tolist()  # the one host sync
         if world > 1:
             loss, lm_loss, aux_loss = loss / world, lm_loss / world, aux_loss / world
         s.tokens += int(tokens)
@@ -50,11 +58,14 @@ class MetricsCollector(Callback):
         # device to finish them (asynchronous on GPU), without checkpoints or evaluations.
         seconds = trainer.step_seconds - self.seconds_at + time.perf_counter() - t0
         tps = (s.tokens - self.tokens_at) / max(seconds, 1e-9)
+        # MFU: 6 x active params per token + the attention pairs the pattern really computed.
+        flops = dense_flops_per_token(trainer.cfg.model, trainer.param_counts) * (s.tokens - self.tokens_at) \
+            + attention_flops(trainer.cfg.model, pairs)
         self.tokens_at, self.seconds_at = s.tokens, trainer.step_seconds
         rec = {"step": s.step, "stage": plan.name, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss,
                "lr": trainer.lr, "tokens": s.tokens, "tokens_per_s": tps, "grad_norm": _grad_norm(trainer),
                "seq_len": plan.seq_len,
-               "mfu": trainer.model.flops_per_token(plan.seq_len, trainer.param_counts) * tps / (self.peak * world),
+               "mfu": flops / max(seconds, 1e-9) / (self.peak * world),
                "elapsed_s": time.time() - trainer.start_time}
         rec.update(self.extra)
         self.extra = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from moetrain.config import (AttentionConfig, DataConfig, RopeConfig, TrainConfig,
+from moetrain.config import (AttentionConfig, DataConfig, RopeConfig, TrainConfig, grad_accum_for,
                              stage_attention, stage_data)
 
 
@@ -34,9 +34,10 @@ def plan_stages(cfg: TrainConfig, dp_world: int = 1) -> list[StagePlan]:
     base = cfg.stages[0]
     base_tokens = base.seq_len * cfg.train.micro_batch_size
     plans, prev_len = [], base.seq_len
+    train_ga = grad_accum_for(cfg.train, dp_world)  # given, or from train.global_batch_size
     for i, s in enumerate(cfg.stages):
         mbs = s.micro_batch_size or max(1, base_tokens // s.seq_len)
-        ga = s.grad_accum_steps or cfg.train.grad_accum_steps
+        ga = s.grad_accum_steps or train_ga
         per_step = s.seq_len * mbs * ga * dp_world
         steps = s.steps if s.steps is not None else max(1, math.ceil(s.tokens / per_step))
         rope = s.rope or cfg.model.rope

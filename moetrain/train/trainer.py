@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from moetrain import checkpoint as ckpt
+from moetrain.checkpoint.reshard import global_batch_note
 from moetrain.config import ConfigError, TrainConfig, config_from_dict, dump_yaml, to_dict, validate
 from moetrain.model import build_model
 from moetrain.parallel import ParallelDims, barrier, parallelize
@@ -75,7 +77,8 @@ class Trainer:
         self.resumed_from = ckpt.prepare_run_dir(run_dir, resume, overwrite, self.rank)
         if self.resumed_from:
             ckpt.check_same_model(self.cfg, self.resumed_from)
-        self.plans: list[StagePlan] = plan_stages(self.cfg, self.world)
+        # Batches per step: sequence-parallel groups share one (deepspeed.sequence_parallel_size).
+        self.plans: list[StagePlan] = plan_stages(self.cfg, self.world // self.cfg.deepspeed.sequence_parallel_size)
         self.total = total_steps(self.plans, self.cfg.train.max_steps)
         self.state = TrainState()
         self.loader = None                          # the current stage's training loader
@@ -132,6 +135,9 @@ class Trainer:
 
     def _restore(self, ckpt_dir: str) -> None:
         client, rank_state = ckpt.load(self.engine, ckpt_dir, self.rank, self.world, self.parallel.ep_groups)
+        note = global_batch_note(client, self.cfg, self.parallel.dims.dp)  # resumed on another world size
+        if note and self.rank == 0:
+            print(note, file=sys.stderr)
         self.state = TrainState.from_client_state(client)
         self._resume_loader_state = rank_state.get("loader")
         for cb in self.callbacks:
@@ -200,7 +206,7 @@ class Trainer:
 
     def _enter_stage(self, plan: StagePlan) -> None:
         ckpt.apply_stage(self.model, plan)
-        set_engine_batch(self.engine, plan.micro_batch_size, plan.grad_accum_steps, self.parallel.dims.dp)
+        set_engine_batch(self.engine, plan.micro_batch_size, plan.grad_accum_steps, self.parallel.dims.zero_world)
         self.loader = self.make_loader(plan)
         if self._resume_loader_state is not None:
             self.loader.load_state_dict(self._resume_loader_state)
@@ -208,12 +214,16 @@ class Trainer:
         self.dispatch("on_stage_start", plan)
 
     def make_loader(self, plan: StagePlan, split: str = "train"):
-        """This rank's loader of `plan`'s data; split "eval" reads the held-out documents."""
+        """This rank's loader of `plan`'s data; split "eval" reads the held-out documents.
+        Sequence parallelism: the group reads one batch and each rank keeps its shard."""
         from moetrain.data import TokenLoader
+        from moetrain.parallel.sequence import sharded_loader
         data = plan.data if split == "train" else dataclasses.replace(plan.data, split=split)
-        return TokenLoader(data, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size, dp_rank=self.rank,
-                           dp_world=self.world, seed=self.cfg.seed + 1000 * plan.index, split=split,
-                           doc_masking=plan.attention.doc_masking)
+        dims = self.parallel.dims
+        loader = TokenLoader(data, seq_len=plan.seq_len, micro_batch_size=plan.micro_batch_size,
+                             dp_rank=dims.dp_rank, dp_world=dims.dp, seed=self.cfg.seed + 1000 * plan.index,
+                             split=split, doc_masking=plan.attention.doc_masking)
+        return sharded_loader(loader, dims)
 
     def _run_stage(self, plan: StagePlan) -> None:
         s, cfg = self.state, self.cfg
@@ -274,6 +284,11 @@ class Trainer:
         every callback's state) and continue from its step; `then(trainer)` runs right after
         (e.g. to move trainer._resume_loader_state on). Every rank must ask at the same step."""
         self._reload = (ckpt_dir, then)
+
+    @property
+    def reload_pending(self) -> bool:
+        """request_reload was called this step: the step's state is about to be replaced."""
+        return self._reload is not None
 
     def request_stop(self, reason: str, ok: bool = True) -> None:
         """End training after the current step's callbacks, as the step cap does:

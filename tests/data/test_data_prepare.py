@@ -141,7 +141,7 @@ def test_bad_input_one_clear_error_nothing_written(case, prepared, small_recipe,
     assert not [p for p in os.listdir(tmp_path) if ".build-" in p]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt", "index", "manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "index", "manifest", "unlisted", "malformed"])
 def test_damaged_folder_is_detected(prepared, tmp_path, damage):
     out = str(tmp_path / "d")
     shutil.copytree(prepared[0], out)
@@ -160,6 +160,16 @@ def test_damaged_folder_is_detected(prepared, tmp_path, damage):
         docs[0, 2] -= 1
         np.save(os.path.join(out, "train", "docs.npy"), docs)
         match = "disagrees with manifest.json"
+    elif damage == "unlisted":  # a shard copied in from another preparation
+        shutil.copy(shard, os.path.join(out, "train", "shard_00007.bin"))
+        match = r"shard train/shard_00007.bin is not listed in manifest.json \(1 shard\(s\) listed, 2 on disk\)"
+    elif damage == "malformed":
+        with open(os.path.join(out, "manifest.json")) as f:
+            m = json.load(f)
+        m["splits"]["train"]["shards"][0]["file"] = "../../etc/passwd"
+        with open(os.path.join(out, "manifest.json"), "w") as f:
+            json.dump(m, f)
+        match = "is malformed: splits.train names '../../etc/passwd' outside the folder"
     else:
         with open(os.path.join(out, "manifest.json")) as f:
             m = json.load(f)

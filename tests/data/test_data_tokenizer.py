@@ -1,4 +1,6 @@
 """Tokenizer: exact round trip on normalised text, byte-identical retraining, clear errors."""
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -56,3 +58,14 @@ def test_training_is_byte_identical():
 def test_vocab_too_large_for_corpus():
     with pytest.raises(DataError, match="vocab_size 5000 is too large"):
         train_sentencepiece(["tiny corpus here", "and some more"], TokenizerSpec(vocab_size=5000))
+
+
+def test_damaged_tokenizer_is_one_clear_error(prepared, tmp_path):
+    import shutil
+    out = str(tmp_path / "d")
+    shutil.copytree(prepared[0], out)
+    with open(os.path.join(out, "tokenizer.model"), "wb") as f:
+        f.write(b"\x00not a sentencepiece model" * 10)
+    with pytest.raises(DataError, match="is not a SentencePiece model .damaged.*--overwrite") as err:
+        load_tokenizer(out)
+    assert "\n" not in str(err.value)

@@ -67,8 +67,7 @@ def test_the_summary_names_the_export_and_its_generate_command_runs(finished_run
     assert f"Export: `{export}`" in text and "verified against transformers" in text
     assert f"vllm serve {export}" in text and "--max-model-len 192" in text
     cmd = next(line for line in text.splitlines() if line.startswith("python -c "))
-    out = subprocess.run(shlex.split(cmd)[1:], executable=sys.executable, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable] + shlex.split(cmd)[1:], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith("ROMEO:")
 

@@ -1,15 +1,15 @@
 """--verify-engine vllm: what is refused before any engine runs, how a divergence is reported,
-and (slow, needs .venv-vllm from scripts/serving_env.sh) a real vLLM run on an export."""
+and (slow, needs .venv-vllm from scripts/serving_env.sh) a real vLLM run through export_model.
+Every target and RoPE family in vLLM: test_vllm_matrix.py."""
 import os
 
 import pytest
 import torch
-from export_helpers import ROOT, tiny_model
+from export_helpers import tiny_model
+from test_vllm_matrix import vllm_python
 
 from moetrain.export import ExportError, VerificationFailed, export_model
 from moetrain.export import engine_check as ec
-
-VLLM_VENV = os.environ.get(ec.VENV_ENV) or os.path.join(ROOT, ".venv-vllm")
 
 
 def _fake_venv(tmp_path, monkeypatch):
@@ -23,11 +23,20 @@ def _fake_venv(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rope,overrides,words", [
     ("yarn", {}, "per-layer sliding/full"),  # qwen2 flavour: sliding + full layers (issue 14)
     ("dynamic", {"attention__layer_types": ["full"]}, "dynamic RoPE"),
+    ("longrope", {"attention__layer_types": ["full"]}, "longrope RoPE"),
+    ("yarn_short", {"attention__layer_types": ["full"]}, "set the stage's rope.factor >= 2"),
     ("none", {"attention__layer_types": ["full"], "head_dim": 12}, "head_dim"),
 ])
 def test_vllm_refusals_are_one_line(tmp_path, tokenizer_path, monkeypatch, rope, overrides, words):
+    """What vLLM 0.32 computes differently is refused before the export is written."""
+    from moetrain.config import RopeConfig
     _fake_venv(tmp_path, monkeypatch)
-    model, mcfg, attn = tiny_model("qwen2", rope, **overrides)
+    model, mcfg, attn = tiny_model("qwen2", "none" if rope in ("longrope", "yarn_short") else rope, **overrides)
+    if rope == "longrope":
+        model.set_rope(RopeConfig(type="longrope", factor=2.0, original_max_position_embeddings=16,
+                                  short_factor=[1.0] * 4, long_factor=[2.0] * 4), 32)
+    if rope == "yarn_short":  # YaRN x1.5 over 16 tokens covers 24 positions of the 32 trained
+        model.set_rope(RopeConfig(type="yarn", factor=1.5, original_max_position_embeddings=16), 32)
     with pytest.raises(ExportError) as e:
         export_model(model, mcfg, attn, str(tmp_path / "hf"), tokenizer_path=tokenizer_path, verify_engine="vllm",
                      log=lambda m: None)
@@ -70,16 +79,18 @@ def test_compare_tolerates_a_greedy_near_tie():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(VLLM_VENV, "bin", "python")),
-                    reason=f"no vLLM venv at {VLLM_VENV}; create it with `bash scripts/serving_env.sh`")
-@pytest.mark.parametrize("kinds", [["sliding"], ["full"]])
-def test_vllm_reproduces_a_uniform_attention_export(tmp_path, tokenizer_path, kinds):
-    """One attention pattern for every layer: vLLM computes our model (window W, YaRN x2)."""
-    model, mcfg, attn = tiny_model("qwen2", "yarn", hidden_size=128, attention__layer_types=kinds,
-                                   moe__n_shared_experts=0)
+def test_verify_engine_runs_vllm_on_the_export(tmp_path, tokenizer_path, data_dir):
+    """export_model(verify_engine="vllm") end to end: the engine subprocess, its report and
+    moetrain_export.json (window W, YaRN x2, gated shared expert, dense first layer)."""
+    vllm_python()
+    model, mcfg, attn = tiny_model("qwen2", "yarn", hidden_size=128, attention__layer_types=["sliding"])
     report = export_model(model, mcfg, attn, str(tmp_path / "hf"), tokenizer_path=tokenizer_path,
-                          verify_engine="vllm", log=lambda m: None)
-    assert report["verify_engine"]["passed"], report["verify_engine_line"]
+                          verify_engine="vllm", prompt_data_dir=data_dir, log=lambda m: None)
+    v = report["verify_engine"]
+    assert v["passed"] and v["versions"]["vllm_version"].startswith("0.32"), report["verify_engine_line"]
+    assert v["prompt_lengths"] == ec.prompt_lengths(32) and v["max_dlogprob"] <= ec.MAX_DLOGPROB["fp32"]
+    with open(tmp_path / "hf" / "moetrain_export.json") as f:
+        assert '"verify_engine"' in f.read()
 
 
 def test_vllm_failure_is_verification_failed(tmp_path, tokenizer_path, monkeypatch):
@@ -96,20 +107,3 @@ def test_vllm_failure_is_verification_failed(tmp_path, tokenizer_path, monkeypat
         export_model(model, mcfg, attn, str(tmp_path / "hf"), tokenizer_path=tokenizer_path, verify_engine="vllm",
                      log=lambda m: None)
     assert os.path.isdir(tmp_path / "hf.partial") and not os.path.exists(tmp_path / "hf")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(VLLM_VENV, "bin", "python")),
-                    reason=f"no vLLM venv at {VLLM_VENV}; create it with `bash scripts/serving_env.sh`")
-def test_vllm_reproduces_a_glm4_export(tmp_path, tokenizer_path):
-    """DeepSeek-V3-style routing (sigmoid, groups, a non-zero aux-free bias, shared expert,
-    q/k norm, dense first layer) served by vLLM's Glm4MoeForCausalLM."""
-    from moetrain.model.moe import moe_layers
-    model, mcfg, attn = tiny_model("glm4", "yarn", hidden_size=128)
-    with torch.no_grad():
-        for moe in moe_layers(model):
-            moe.router.expert_bias.copy_(0.3 * torch.randn(moe.router.expert_bias.shape))
-    report = export_model(model, mcfg, attn, str(tmp_path / "hf"), tokenizer_path=tokenizer_path, verify=True,
-                          verify_engine="vllm", log=lambda m: None)
-    assert report["architecture"] == "Glm4MoeForCausalLM" and report["verify"]["passed"], report["verify_line"]
-    assert report["verify_engine"]["passed"], report["verify_engine_line"]

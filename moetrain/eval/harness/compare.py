@@ -1,0 +1,103 @@
+"""Our numbers on the harness's rows, the harness's numbers from its per-row results, and
+the comparison between them.
+
+Ours use our eval code (moetrain.eval: bucket_losses, score_batch) on the very windows
+and trials the rows hold. Perplexity agrees when the mean NLL per token differs by at most
+PPL_TOL nats; passkey agrees when every trial gets the same verdict.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# fp32 weights on both sides: the two forwards (ours and transformers' or vLLM's kernels) differ
+# only by float32 rounding, a few 1e-7 relative per op; through the layers that is ~1e-6 on a
+# token's log-probability, and the mean over hundreds of tokens is no larger. 1e-5 nats
+# (perplexity within 0.001%) leaves room for that and is still far below any real defect
+# (a wrong window, a shifted token or a missing <s> moves the mean by 1e-2 or more).
+PPL_TOL = 1e-5
+
+
+def our_perplexity(forward, windows_by_length: dict, kept: dict, batch_tokens: int = 8192) -> dict:
+    """{length: {"windows", "nll" (all windows, = eval.json's loss@L), "kept", "nll_kept"}}."""
+    from moetrain.eval.position_loss import bucket_losses
+    out = {}
+    for length, windows in windows_by_length.items():
+        idx = kept[length]["kept"]
+        nll = float(bucket_losses(forward, windows, [(0, length)], batch_tokens)[0]) if len(windows) else None
+        nll_kept = float(bucket_losses(forward, windows[idx], [(0, length)], batch_tokens)[0]) if idx else None
+        out[int(length)] = {"windows": int(len(windows)), "nll": nll, "kept": len(idx), "nll_kept": nll_kept}
+    return out
+
+
+def our_passkey(forward, tokenizer, cells: dict, batch_tokens: int = 8192) -> dict:
+    """{(length, depth): [verdict per trial]} by our greedy exact match (score_batch), batched
+    as our grid batches them (batch_tokens // length prompts)."""
+    from moetrain.eval.passkey import score_batch
+    out = {}
+    for (length, depth), samples in cells.items():
+        per_batch = max(1, batch_tokens // length)
+        oks = []
+        for b in range(0, len(samples), per_batch):
+            oks += [bool(x) for x in score_batch(forward, samples[b:b + per_batch], tokenizer)]
+        out[(length, depth)] = oks
+    return out
+
+
+def harness_perplexity(samples: list) -> dict:
+    """{length: {"windows", "nll"}} from the per-row log-likelihoods of moetrain_heldout_ppl."""
+    by_len = {}
+    for s in samples:
+        ll, n = by_len.setdefault(int(s["doc"]["length"]), ([], []))
+        ll.append(float(s["response"]))
+        n.append(int(s["doc"]["n_tokens"]))
+    return {L: {"windows": len(ll), "nll": -math.fsum(ll) / sum(n)} for L, (ll, n) in sorted(by_len.items())}
+
+
+def harness_passkey(samples: list) -> dict:
+    """{(length, depth, trial): (correct, generation)} from moetrain_passkey's rows."""
+    from moetrain.eval.harness.utils import passkey_correct
+    return {(int(s["doc"]["length"]), float(s["doc"]["depth"]), int(s["doc"]["trial"])):
+            (passkey_correct(s["response"], s["doc"]["answer"]), s["response"]) for s in samples}
+
+
+def compare_perplexity(ours: dict, theirs: dict, tol: float = PPL_TOL) -> dict:
+    out = {}
+    for length, o in ours.items():
+        t = theirs.get(length)
+        if t is None or o["nll_kept"] is None:
+            continue
+        diff = t["nll"] - o["nll_kept"]
+        out[length] = {"windows": o["kept"], "ours_nll": o["nll_kept"], "harness_nll": t["nll"],
+                       "ours_ppl": math.exp(o["nll_kept"]), "harness_ppl": math.exp(t["nll"]),
+                       "abs_diff": abs(diff), "agree": abs(diff) <= tol and t["windows"] == o["kept"]}
+    return out
+
+
+def compare_passkey(ours: dict, theirs: dict) -> dict:
+    """Per length: accuracy of ours and the harness on the same trials, and the trials that differ."""
+    out = {}
+    for (length, depth), oks in ours.items():
+        cell = out.setdefault(length, {"trials": 0, "ours": 0, "harness": 0, "differ": []})
+        for t, ok in enumerate(oks):
+            if (length, depth, t) not in theirs:
+                continue  # dropped row (does not round-trip): counted in the rows report
+            hit, gen = theirs[(length, depth, t)]
+            cell["trials"] += 1
+            cell["ours"] += ok
+            cell["harness"] += hit
+            if hit != ok:
+                cell["differ"].append({"depth": depth, "trial": t, "ours": ok, "harness_generation": gen})
+    for cell in out.values():
+        n = max(1, cell["trials"])
+        cell.update(ours_acc=cell["ours"] / n, harness_acc=cell["harness"] / n, agree=not cell["differ"])
+    return out
+
+
+def our_grid_accuracy(ours: dict) -> dict:
+    """{length: accuracy over all trials} (our grid's accuracy_by_length, dropped rows included)."""
+    acc = {}
+    for (length, _), oks in ours.items():
+        acc.setdefault(length, []).extend(oks)
+    return {L: float(np.mean(v)) for L, v in acc.items()}
