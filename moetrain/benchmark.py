@@ -10,6 +10,8 @@ so that every benchmark measures the same way.
     memory_cap(bytes, name)    a fresh memory cgroup for one child process (preexec_fn),
                                so that a try which blows up kills only itself
     longest(try_fn, ...)       the longest size that passes: doubling, then bisection
+    cpu_matmul_flops_per_cpu_s()  fp32 matmul FLOPs per CPU-second: a CPU MFU denominator
+                               that other load on a shared machine does not lower
 """
 from __future__ import annotations
 
@@ -144,3 +146,16 @@ def longest(try_fn, start: int, max_len: int, granule: int):
         tries.append((mid, ok))
         lo, hi = (mid, hi) if ok else (lo, mid)
     return lo, hi, tries
+
+
+def cpu_matmul_flops_per_cpu_s(n: int = 1024, reps: int = 4, trials: int = 5) -> float:
+    """fp32 matmul FLOPs per CPU-second (all threads' CPU time): the CPU MFU denominator."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 0.0
+    for _ in range(trials):
+        t = time.process_time()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.process_time() - t))
+    return best

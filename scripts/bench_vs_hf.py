@@ -6,7 +6,8 @@ process under a memory cap, all in one run.
     python scripts/bench_vs_hf.py --budget-gb 8 --max-search-len 131072 --json out.json
     python scripts/bench_vs_hf.py --device cuda --config configs/h100_moe1b_zero2.yaml \\
         --set model.n_layers=4 --variants cfg --seq-lens 4096 --no-search   # node-shape smoke
-    python scripts/bench_vs_hf.py --tiny                            # seconds: checks the script
+    python scripts/bench_vs_hf.py --tiny                            # a minute or two: checks the script
+    python scripts/bench_vs_hf.py --report out.json                 # the tables again from a --json file
 
 Variants: `hf` (transformers Mixtral, SDPA, every layer MoE, its default loss over full
 logits); ours `dense` / `sliding` / `moba` (that pattern in every layer) or `cfg` (the
@@ -20,9 +21,11 @@ and the table says why. The longest trainable sequence per --search-variants: do
 from the longest point that ran, then bisect; each try is one full training step
 (forward, backward, AdamW) in its own process under the cap (cgroup memory limit on
 CPU, torch's per-process memory fraction on CUDA), so a blow-up kills only that try.
-MFU: model FLOPs of the pattern actually run (6 x active non-embedding params + 12 x
-heads x head_dim per visible causal (query, key) pair; recompute not counted) over the
-measured fp32 matmul peak on CPU, the bf16 spec sheet peak on GPU.
+MFU: model FLOPs of the pattern actually run (moetrain.flops: 6 x active non-embedding
+params + 12 x heads x head_dim per visible causal (query, key) pair; recompute not
+counted) over the bf16 spec sheet peak on GPU; on CPU from CPU time, so that other load
+on a shared machine cancels: FLOPs per CPU-second of the step over the FLOPs per
+CPU-second of a large fp32 matmul measured here (`tok/cpu-s` = tokens per CPU-second).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,7 +42,7 @@ import time
 
 import torch
 
-from moetrain.benchmark import longest, memory_cap, watch_rss  # noqa: F401 (longest: used by search)
+from moetrain.benchmark import cpu_matmul_flops_per_cpu_s, longest, memory_cap, watch_rss
 
 GB = 1e9
 SHAPE = dict(vocab_size=32768, hidden_size=256, n_layers=4, n_heads=8, n_kv_heads=2, intermediate_size=512,
@@ -77,6 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="also write all results here")
     p.add_argument("--point", default=None, help=argparse.SUPPRESS)  # internal: run one point, print RESULT
     p.add_argument("--gpu-summary", default=None, metavar="DIR", help="print gpu_check.sh's table from DIR")
+    p.add_argument("--report", default=None, metavar="JSON", help="print the tables of a --json file and exit")
     a = p.parse_args(argv)
     a.dtype = a.dtype or ("bf16" if a.device == "cuda" else "fp32")
     defaults = (64, 32, 3) if a.tiny else (1024, 512, 3)
@@ -117,30 +122,14 @@ def train_config(a, variant: str, device: str):
     return load_config(a.config, ov) if a.config else config_from_dict({}, ov)
 
 
-def visible_pairs(S: int, kind: str, attn) -> float:
-    """Causal (query, key) pairs one head of one layer of this kind computes at length S."""
-    i = torch.arange(S, dtype=torch.float64)
-    if kind == "full":
-        return S * (S + 1) / 2
-    if kind == "sliding":
-        n = torch.clamp(i + 1, max=attn.window)
-        n += torch.clamp(i - attn.window + 1, min=0).clamp(max=attn.sink_tokens)
-        return float(n.sum())
-    bs = attn.block_size  # moba: its own (partial) block + topk-1 earlier whole blocks (+ sinks outside them)
-    n = i - (i // bs) * bs + 1 + torch.clamp(i // bs, max=attn.moba_topk - 1) * bs
-    return float((n + torch.clamp(i // bs - attn.moba_topk + 1, min=0).clamp(max=1) * attn.sink_tokens).sum())
-
-
 def flops_per_token(mcfg, S: int) -> float:
-    """Training FLOPs per token of the pattern mcfg really runs (see the module docstring)."""
-    from moetrain.config import head_dim
+    """Training FLOPs per token of the pattern mcfg really runs, one document of S tokens
+    (moetrain.flops: 6 x active non-embedding params + 12 x Hq x D per visible pair)."""
+    from moetrain.flops import train_flops_per_token
     from moetrain.model import build_model
-    from moetrain.model.attention import layer_kind
     with torch.device("meta"):
-        c = build_model(mcfg).param_counts()
-    attn = sum(visible_pairs(S, layer_kind(mcfg.attention, l, mcfg.n_layers), mcfg.attention)
-               for l in range(mcfg.n_layers))
-    return 6 * (c["active"] - c["embedding"]) + 12 * mcfg.n_heads * head_dim(mcfg) * attn / S
+        counts = build_model(mcfg).param_counts()
+    return train_flops_per_token(mcfg, counts, S)
 
 
 # ----------------------------------------------------------------------------- one point (child process)
@@ -246,13 +235,15 @@ def predicted_gb(history: list, S: int):
     return m2 + (m2 - m1) / (s2 - s1) * (S - s2)
 
 
-def sweep(a, log) -> dict:
-    """{variant: [(S, result)]} over --seq-lens, shortest first, skipping what cannot fit."""
+def sweep(a, log, res=None) -> dict:
+    """{variant: [(S, result)]} over --seq-lens, shortest first, skipping what cannot fit;
+    filled into `res` as it goes (log() may save it)."""
     variants = a.variants.split(",")
     for v in variants:
         split_variant(v)
     max_len = {k: int(x) for k, _, x in (kv.partition("=") for kv in a.variant_max_len.split(",") if kv)}
-    res = {v: [] for v in variants}
+    res = {} if res is None else res
+    res.update({v: [] for v in variants})
     for S in sorted(int(s) for s in a.seq_lens.split(",")):
         for v in variants:
             if S > max_len.get(v, S):
@@ -270,22 +261,34 @@ def sweep(a, log) -> dict:
     return res
 
 
-def search(a, sweep_res: dict, log) -> dict:
-    out = {}
+def search(a, sweep_res: dict, log, out=None) -> dict:
+    """{variant: longest trainable S and its result}, filled into `out` after every try
+    (marked partial until the variant's search ends), so a killed run still tells."""
+    out = {} if out is None else out
     for v in a.search_variants.split(","):
         split_variant(v)
         done = {S: r for S, r in sweep_res.get(v, []) if r["status"] == "ok"}
-        results = dict(done)
+        results, tried = dict(done), []
+
+        def summary(lo, hi, capped, partial):
+            return {"longest": lo, "first_fail": hi, "capped": capped, "partial": partial,
+                    "result": results.get(lo), "tries": [(S, results[S]["status"]) for S in tried]}
 
         def try_fn(S, v=v):
             if S not in results:
                 results[S] = run_capped(a, v, S, 0, 1)
+                tried.append(S)
+                ok = [s for s, r in results.items() if r["status"] == "ok"]
+                bad = [s for s, r in results.items() if r["status"] != "ok" and s > max(ok, default=0)]
+                out[v] = summary(max(ok, default=None), min(bad, default=None), False, True)
                 log(f"{v:>12} search S={S:<8} {fmt_result(results[S])}")
+            else:
+                tried.append(S)
             return results[S]["status"] == "ok"
         start = max(done) if done else min(int(s) for s in a.seq_lens.split(","))
-        lo, hi, tries = longest(try_fn, start, a.max_search_len, a.search_granule)
-        out[v] = {"longest": lo, "first_fail": hi, "capped": hi is None, "result": results.get(lo),
-                  "tries": [(S, results[S]["status"]) for S, _ in tries]}
+        lo, hi, _ = longest(try_fn, start, a.max_search_len, a.search_granule)
+        out[v] = summary(lo, hi, hi is None, False)
+        log(f"{v:>12} longest {lo} (first failure {hi})")
     return out
 
 
@@ -305,7 +308,7 @@ def _ratio(x, y):
     return x / y if x is not None and y else None
 
 
-def points_table(res: dict, peak_flops: float) -> list[str]:
+def points_table(res: dict, peak_flops: float, rate: str = "tok_s") -> list[str]:
     lines = [f"{'S':>8} {'variant':<13}{'tok/s':>8}{'tok/cpu-s':>10}{'peak GB':>9}{'MFU %':>7}"
              f"{'x hf tok/s':>11}{'x hf cpu':>9}{'x hf mem':>9}  note"]
     lines.append("-" * len(lines[0]))
@@ -318,7 +321,7 @@ def points_table(res: dict, peak_flops: float) -> list[str]:
             if r["status"] != "ok":
                 lines.append(f"{S:>8} {v:<13}{'-':>8}{'-':>10}{'-':>9}{'-':>7}{'':>29}  {r['status']}: {r.get('note', '')}")
                 continue
-            mfu = 100 * r["flops_per_token"] * r["tok_s"] / peak_flops
+            mfu = 100 * r["flops_per_token"] * r[rate] / peak_flops
             xt = _ratio(r["tok_s"], hf and hf["tok_s"]) if v != "hf" else None
             xc = _ratio(r["tok_cpu_s"], hf and hf["tok_cpu_s"]) if v != "hf" else None
             xm = _ratio(r["peak_gb"], hf and hf["peak_gb"]) if v != "hf" else None
@@ -336,7 +339,7 @@ def search_table(found: dict, budget: float) -> list[str]:
              f"{'variant':<13}{'longest':>10}{'tok/s':>8}{'peak GB':>9}  tries"]
     for v, f in found.items():
         r = f["result"] or {}
-        n = "-" if f["longest"] is None else (">=" if f["capped"] else "") + str(f["longest"])
+        n = "-" if f["longest"] is None else (">=" if f["capped"] or f.get("partial") else "") + str(f["longest"])
         tries = " ".join(f"{S}:{st}" for S, st in f["tries"])
         lines.append(f"{v:<13}{n:>10}{r.get('tok_s', math.nan):>8.0f}{r.get('peak_gb', math.nan):>9.2f}  {tries}")
     return lines
@@ -411,8 +414,9 @@ def gpu_summary(d: str) -> list[str]:
     gpu = (_read(os.path.join(d, "gpu.txt")).strip().splitlines() or ["device unknown"])[0]
     lines = [f"GPU check on {gpu}",
              f"{'check':<50}{'measured':>22}  target"]
-    tail = [l for l in _read(os.path.join(d, "pytest.log")).splitlines() if l.strip()][-1:] or ["no output"]
-    lines.append(f"{'pytest -m gpu (rc ' + rc['pytest'] + ')':<50}{tail[0].strip('= ')[-40:]:>22}  all pass")
+    tail = ([l for l in _read(os.path.join(d, "pytest.log")).splitlines() if l.strip()] or ["no output"])[-1]
+    counts = " ".join(f"{n} {w}" for n, w in re.findall(r"(\d+) (passed|failed|errors?|skipped)", tail)) or tail[-22:]
+    lines.append(f"{'pytest -m gpu (rc ' + rc['pytest'] + ')':<50}{counts:>22}  all pass")
     att = attention_rows(_read(os.path.join(d, "attention.log")))
     for impl in ("ours", "sdpa"):
         tf = [r[4] for r in att if r[0] == 16384 and r[1] == "causal" and r[2] == impl]
@@ -428,13 +432,14 @@ def gpu_summary(d: str) -> list[str]:
             lines.append(f"{name + ' (rc ' + rc[name] + ')':<50}{'no result':>22}")
             continue
         res = json.loads(js)
+        rate = "tok_cpu_s" if res["args"]["device"] == "cpu" else "tok_s"  # as report() computes MFU
         for v, rows in res["points"].items():
             for S, r in rows if name == "smoke" else []:
-                val = ("{:.0f} tok/s {:.1f}% MFU".format(r["tok_s"], 100 * r["flops_per_token"] * r["tok_s"] /
+                val = ("{:.0f} tok/s {:.1f}% MFU".format(r["tok_s"], 100 * r["flops_per_token"] * r[rate] /
                        res["peak_flops"]) if r["status"] == "ok" else r["status"])
-                lines.append(f"{f'bf16 train step, node shape {v}, S={S}':<50}{val:>22}")
+                lines.append(f"{res['args']['dtype'] + f' train step, node shape {v}, S={S}':<50}{val:>22}")
         for v, f in res["search"].items():
-            n = "none" if f["longest"] is None else (">=" if f["capped"] else "") + str(f["longest"])
+            n = "none" if f["longest"] is None else (">=" if f["capped"] or f.get("partial") else "") + str(f["longest"])
             lines.append(f"{'longest trainable on one GPU, ' + v:<50}{n:>22}  >= 1048576")
     return lines
 
@@ -452,6 +457,9 @@ def main(argv=None) -> int:
     if a.gpu_summary:
         print("\n".join(gpu_summary(a.gpu_summary)))
         return 0
+    if a.report:
+        print("\n".join(report_from_json(a.report)))
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so run_capped kills the running try
     if a.device == "cuda" and not torch.cuda.is_available():
         print("bench_vs_hf: --device cuda but no CUDA GPU found; use --device cpu", file=sys.stderr)
@@ -459,29 +467,50 @@ def main(argv=None) -> int:
     if a.device == "cuda":  # the cap is a fraction of the one device
         a.budget_gb = min(a.budget_gb, torch.cuda.get_device_properties(0).total_memory / GB)
     from moetrain.train.metrics import device_peak_flops
-    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    peak = device_peak_flops(torch.device(a.device))
+    peak = cpu_matmul_flops_per_cpu_s() if a.device == "cpu" else device_peak_flops(torch.device(a.device))
+    res, found = {}, {}
+
+    def log(line):  # progress, and the results so far (a run killed from outside keeps them)
+        print(line, file=sys.stderr, flush=True)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"args": vars(a), "peak_flops": peak, "points": res, "search": found}, f, indent=1)
     t0 = time.time()
-    res = sweep(a, log)
-    found = {} if a.no_search else search(a, res, log)
+    sweep(a, log, res)
+    if not a.no_search:
+        search(a, res, log, found)
+    print("\n".join(report(a, peak, res, found, time.time() - t0)))
+    log(f"bench_vs_hf: done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def report(a, peak: float, res: dict, found: dict, elapsed=None) -> list[str]:
+    """The header, the points table, the search table and (built-in shape, CPU) the targets."""
+    cpu = a.device == "cpu"
     m = train_config(a, "dense", a.device).model
-    print(f"bench_vs_hf on {a.device}, {a.dtype}, batch {a.batch}, AdamW, budget {a.budget_gb:g} GB per point, "
-          f"{time.time() - t0:.0f} s in all")
     at = train_config(a, "sliding", a.device).model.attention
-    print(f"shape: d={m.hidden_size} L={m.n_layers} E={m.moe.n_experts} top-{m.moe.top_k} F={m.moe.intermediate_size} "
-          f"H={m.n_heads}/{m.n_kv_heads} V={m.vocab_size}; window {at.window}, moba {at.moba_topk}x{at.block_size}, "
-          f"+mem = checkpoint full + MoE tiles of {a.tile_tokens}{' + offload' if a.device == 'cuda' else ''}")
-    print(f"MFU peak: {peak / 1e12:.3f} TFLOP/s ({'measured fp32 matmul' if a.device == 'cpu' else 'bf16 spec'})")
-    lines = points_table(res, peak)
+    lines = [f"bench_vs_hf on {a.device}, {a.dtype}, batch {a.batch}, AdamW, {a.warmup} warm-up + {a.steps} timed "
+             f"step(s) per point, budget {a.budget_gb:g} GB per point" + (f", {elapsed:.0f} s in all" if elapsed else ""),
+             f"shape: d={m.hidden_size} L={m.n_layers} E={m.moe.n_experts} top-{m.moe.top_k} F={m.moe.intermediate_size} "
+             f"H={m.n_heads}/{m.n_kv_heads} V={m.vocab_size}; window {at.window}, moba {at.moba_topk}x{at.block_size}, "
+             f"+mem = checkpoint full + MoE tiles of {a.tile_tokens}{' + offload' if not cpu else ''}",
+             f"MFU peak: {peak / 1e12:.3f} TFLOP/s" + (" per CPU-second (fp32 1024^3 matmul); MFU from tok/cpu-s"
+                                                      if cpu else " (bf16 spec sheet)")]
+    lines += points_table(res, peak, "tok_cpu_s" if cpu else "tok_s")
     if found:
         lines += [""] + search_table(found, a.budget_gb)
-    if a.device == "cpu":
+    if cpu and a.config is None:
         lines += [""] + targets_table(a, res, found)
-    print("\n".join(lines))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "peak_flops": peak, "points": res, "search": found}, f, indent=1)
-    return 0
+    return lines
+
+
+def report_from_json(path: str) -> list[str]:
+    """The same report from a --json file, also one a killed run left behind."""
+    d = json.load(open(path))
+    a = argparse.Namespace(**d["args"])
+    res = {v: [tuple(x) for x in rows] for v, rows in d["points"].items()}
+    found = {v: dict(f, tries=[tuple(t) for t in f["tries"]]) for v, f in d["search"].items()}
+    return report(a, d["peak_flops"], res, found)
 
 
 if __name__ == "__main__":

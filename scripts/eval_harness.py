@@ -11,7 +11,7 @@ by hand), then runs the harness (HF backend in this venv; vLLM backend in the vL
 
 - moetrain_heldout_ppl: our held-out windows (moetrain.eval.position_loss.held_out_windows,
   the windows of eval.json's loss@L), each scored on tokens 1..S given token 0; token-level
-  mean NLL vs ours, agreeing within moetrain.eval.harness.compare.PPL_TOL nats (fp32).
+  mean NLL vs ours, agreeing within moetrain.eval.harness.compare.PPL_TOL[backend] nats.
 - moetrain_passkey: the trials of our passkey grid (same seed, lengths, depths), greedy,
   exact match; the same verdict on every trial.
 
@@ -95,7 +95,8 @@ def resolve(args):
         (run_config(ours, args.set) if ours != args.model else None) or load_config(None, args.set))
     data_dir = args.data_dir or (cfg.data.dir if ours != args.model and os.path.isdir(cfg.data.dir) else None)
     if data_dir is None or not os.path.isdir(data_dir):
-        raise ValueError(f"no held-out data: give --data-dir (a prepared folder){'; ' + data_dir + ' is not one' if data_dir else ''}")
+        bad = f"; {data_dir} is not one" if data_dir else ""
+        raise ValueError(f"no held-out data: give --data-dir (a prepared folder){bad}")
     ecfg = cfg.eval
     if args.depths is not None:
         ecfg = dataclasses.replace(ecfg, depths=_list(args.depths, "depths", float))
@@ -107,6 +108,8 @@ def resolve(args):
         raise ValueError(f"--windows {args.windows} must be >= 1")
     lengths = (_list(args.lengths, "lengths") if args.lengths else [int(x) for x in ecfg.lengths]
                or [int(hf_cfg.get("max_position_embeddings") or 0)])
+    if min(lengths) < 1:
+        raise ValueError(f"--model {args.model} has no max_position_embeddings; give --lengths")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends or any(b not in BACKENDS for b in backends):
         raise ValueError(f"--backends '{args.backends}' must list {' and/or '.join(BACKENDS)}")
@@ -131,6 +134,8 @@ def build_rows(args, data_dir, ecfg, lengths):
                 cells[(L, float(d))] = make_trials(tok, L, d, ecfg.passkey_trials, ecfg.seed, ecfg.key_digits)
         except ValueError as e:  # DataError: this context cannot hold the prompt (as our grid skips it)
             notes.append(f"passkey at {L} tokens skipped: {e}")
+    notes += [f"perplexity at {L} tokens skipped: none of the {k['windows']} held-out windows tokenises back to "
+              "our ids (or no document is that long)" for L, k in kept.items() if not k["kept"]]
     passkey, dropped = R.passkey_rows(hf_tok, cells)
     tasks_dir = R.write_task_folder(args.out, ppl, passkey)
     report = {"tasks_dir": tasks_dir, "ppl_rows": len(ppl), "passkey_rows": len(passkey),
@@ -154,12 +159,15 @@ def run_backend(backend, args, lengths, rows_report, ours) -> dict:
     from moetrain.eval.harness import compare as C
     from moetrain.eval.harness.rows import PASSKEY_TASK, PPL_TASK
     n_rows = {PPL_TASK: rows_report["ppl_rows"], PASSKEY_TASK: rows_report["passkey_rows"]}
-    req = B.request(backend, args.model, rows_report["tasks_dir"], max(lengths), n_rows, args.batch_size, args.device)
+    trained = int(export_info(args.model)[0].get("max_position_embeddings") or 0)
+    req = B.request(backend, args.model, rows_report["tasks_dir"], max(lengths), n_rows, args.batch_size, args.device,
+                    trained)
     result = B.run(backend, req, os.path.abspath(args.out))
     samples = B.as_samples(result)
-    ppl = C.compare_perplexity(ours["ppl"], C.harness_perplexity(samples.get(PPL_TASK, [])))
+    ppl = C.compare_perplexity(ours["ppl"], C.harness_perplexity(samples.get(PPL_TASK, [])), C.PPL_TOL[backend])
     pk = C.compare_passkey(ours["passkey"], C.harness_passkey(samples.get(PASSKEY_TASK, [])))
     return {"lm_eval_version": result["lm_eval_version"], "model_args": [r["model_args"] for r in req["runs"]],
+            "ppl_tolerance": C.PPL_TOL[backend],
             "results": {t: v for r in result["runs"] for t, v in r["results"].items()},
             "perplexity": {str(k): v for k, v in ppl.items()}, "passkey": {str(k): v for k, v in pk.items()},
             "agree": all(v["agree"] for v in ppl.values()) and all(v["agree"] for v in pk.values())}
@@ -167,12 +175,13 @@ def run_backend(backend, args, lengths, rows_report, ours) -> dict:
 
 def table(res: dict) -> str:
     """The side-by-side lines printed at the end."""
-    lines = [f"ours: {res['ours']['kind']} {res['ours']['path']}; tolerance {res['ppl_tolerance']:g} nats"]
+    lines = [f"ours: {res['ours']['kind']} {res['ours']['path']}"]
     for backend, r in res["backends"].items():
         for L, p in r["perplexity"].items():
             lines.append(f"[{backend}] ppl@{L}: ours nll {p['ours_nll']:.6f} (ppl {p['ours_ppl']:.4f}), harness nll "
                          f"{p['harness_nll']:.6f} (ppl {p['harness_ppl']:.4f}), |diff| {p['abs_diff']:.2e} over "
-                         f"{p['windows']} windows: {'agree' if p['agree'] else 'DISAGREE'}")
+                         f"{p['windows']} windows (tolerance {r['ppl_tolerance']:g}): "
+                         f"{'agree' if p['agree'] else 'DISAGREE'}")
         for L, p in r["passkey"].items():
             lines.append(f"[{backend}] passkey@{L}: ours {p['ours_acc']:.3f}, harness {p['harness_acc']:.3f} over "
                          f"{p['trials']} trials, {len(p['differ'])} differ: {'agree' if p['agree'] else 'DISAGREE'}")
@@ -183,17 +192,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         from moetrain.eval.harness import backends as B
-        from moetrain.eval.harness.compare import PPL_TOL, our_grid_accuracy
+        from moetrain.eval.harness.compare import our_grid_accuracy
         ours_path, data_dir, ecfg, lengths, backends = resolve(args)
+        trained = int(export_info(args.model)[0].get("max_position_embeddings") or 0)
         for b in backends:
-            B.check_backend(b)
+            B.check_backend(b, max(lengths), trained)
         os.makedirs(args.out, exist_ok=True)
         windows, kept, cells, tok, rows_report = build_rows(args, data_dir, ecfg, lengths)
         ours = ours_numbers(ours_path, data_dir, windows, kept, cells, tok, ecfg)
         res = {"model": os.path.abspath(args.model), "data_dir": os.path.abspath(data_dir), "lengths": lengths,
                "settings": {"depths": list(ecfg.depths), "trials": ecfg.passkey_trials, "seed": ecfg.seed,
                             "key_digits": ecfg.key_digits, "windows": args.windows},
-               "rows": rows_report, "ppl_tolerance": PPL_TOL,
+               "rows": rows_report,
                "ours": {"kind": ours["info"].get("kind"), "path": ours_path,
                         "perplexity": {str(k): v for k, v in ours["ppl"].items()},
                         "passkey_grid": {str(k): v for k, v in our_grid_accuracy(ours["passkey"]).items()}},
@@ -206,7 +216,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:  # ConfigError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # the vLLM subprocess failed
+    except B.HarnessFailed as e:  # the vLLM subprocess failed
         print(f"error: {e}", file=sys.stderr)
         return 1
     path = os.path.join(args.out, "harness.json")

@@ -22,6 +22,8 @@ if [[ "${1:-}" == "--cpu" ]]; then MODE=cpu; shift; fi
 OUT=${1:-${OUT:-gpu_check_out}}
 CONFIG=${CONFIG:-configs/h100_moe1b_zero2.yaml}
 LAYERS=${LAYERS:-4}
+PY=${PYTHON:-python}  # the project's venv when there is one and PYTHON is not set
+if [[ -z "${PYTHON:-}" && -x .venv/bin/python ]]; then PY=.venv/bin/python; fi
 mkdir -p "$OUT"
 rm -f "$OUT"/*.rc "$OUT"/*.json
 
@@ -35,7 +37,7 @@ stage() {  # stage NAME SECONDS CMD...: run CMD under a time limit, keep its log
 }
 
 if [[ $MODE == gpu ]]; then
-    if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu_check: no CUDA GPU visible; on CPU run: bash scripts/gpu_check.sh --cpu" >&2
         exit 1
     fi
@@ -44,12 +46,12 @@ if [[ $MODE == gpu ]]; then
     ATTN=(--seq-lens 16384,32768,65536,131072 --head-dim 128 --modes causal,window,moba --no-flex)
     SMOKE=(--config "$CONFIG" --set "model.n_layers=$LAYERS" --seq-lens 4096,16384 --steps 3)
     SEARCH=(--config "$CONFIG" --set "model.n_layers=$LAYERS" --seq-lens 524288 --budget-gb 200
-            --max-search-len 4194304 --search-granule 131072 --point-timeout 150)
-    LIMITS=(150 130 100 200)
+            --max-search-len 2097152 --search-granule 262144 --point-timeout 120)
+    LIMITS=(140 110 90 230)
 else
     echo "cpu (reduced shapes)" > "$OUT/gpu.txt"
     DEV=(--device cpu)
-    ATTN=(--cpu-smoke)
+    ATTN=(--cpu-smoke --seq-lens 256 --modes causal,window,moba)
     TINY=(--set model.hidden_size=64 --set model.n_heads=4 --set model.n_kv_heads=2
           --set model.intermediate_size=64 --set model.moe.n_experts=4 --set model.moe.top_k=2
           --set model.moe.intermediate_size=32 --set model.vocab_size=512 --set model.loss_chunk_size=128
@@ -57,15 +59,15 @@ else
     SMOKE=(--config "$CONFIG" --set model.n_layers=2 "${TINY[@]}" --seq-lens 256 --steps 1)
     SEARCH=(--config "$CONFIG" --set model.n_layers=2 "${TINY[@]}" --seq-lens 256 --budget-gb 4
             --max-search-len 1024 --search-granule 256 --tile-tokens 128 --point-timeout 120)
-    LIMITS=(120 120 120 240)
+    LIMITS=(150 180 150 300)
 fi
 
-stage pytest "${LIMITS[0]}" python -m pytest -q -p no:cacheprovider -m gpu tests
-stage attention "${LIMITS[1]}" python scripts/bench_attention.py "${ATTN[@]}"
-stage smoke "${LIMITS[2]}" python scripts/bench_vs_hf.py "${DEV[@]}" "${SMOKE[@]}" --variants cfg \
+stage pytest "${LIMITS[0]}" "$PY" -m pytest -q -p no:cacheprovider -m gpu tests
+stage attention "${LIMITS[1]}" "$PY" scripts/bench_attention.py "${ATTN[@]}"
+stage smoke "${LIMITS[2]}" "$PY" scripts/bench_vs_hf.py "${DEV[@]}" "${SMOKE[@]}" --variants cfg \
     --warmup 1 --no-search --json "$OUT/smoke.json"
-stage search "${LIMITS[3]}" python scripts/bench_vs_hf.py "${DEV[@]}" "${SEARCH[@]}" --variants sliding+mem \
+stage search "${LIMITS[3]}" "$PY" scripts/bench_vs_hf.py "${DEV[@]}" "${SEARCH[@]}" --variants sliding+mem \
     --search-variants sliding+mem --steps 1 --warmup 0 --json "$OUT/search.json"
 
 echo
-python scripts/bench_vs_hf.py --gpu-summary "$OUT" | tee "$OUT/summary.txt"
+"$PY" scripts/bench_vs_hf.py --gpu-summary "$OUT" | tee "$OUT/summary.txt"

@@ -135,12 +135,13 @@ def _wait(proc, until, timeout: float) -> bool:
     raise TimeoutError(f"the run did not get there within {timeout:.0f} s")
 
 
-def _kill_plan(rng: random.Random, steps: int, every: int, max_kills: int) -> list:
+def _kill_plan(rng: random.Random, steps: int, every: int, max_kills: int, mode: str = "mixed") -> list:
     """Increasing kill targets: ("step", s, delay fraction) or ("save", s, phase, delay fraction)."""
     saves = [s for s in range(every, steps, every)] + [steps]
     plan = []
     for _ in range(rng.randint(1, max_kills)):
-        if rng.random() < 0.5:
+        save = rng.random() < 0.5 if mode == "mixed" else mode == "save"
+        if save:
             plan.append(("save", rng.choice(saves), rng.choice(PHASES), rng.random()))
         else:
             plan.append(("step", rng.randint(1, steps - 1), rng.random()))
@@ -185,7 +186,7 @@ def run_trial(i: int, args, sets: list, ref: dict, step_s: float) -> dict:
     run_dir, flag_dir = os.path.join(args.out, f"trial{i:03d}"), os.path.join(args.out, f"trial{i:03d}.flags")
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(flag_dir, ignore_errors=True)
-    plan = _kill_plan(rng, args.steps, args.every, args.max_kills)
+    plan = _kill_plan(rng, args.steps, args.every, args.max_kills, args.mode)
     cmd = child_command(run_dir, args.config, sets, flag_dir, args.pause)
     kills, launches = [], 0
     for kill in plan + [None]:
@@ -262,8 +263,11 @@ def parse_args(argv=None):
     p.add_argument("--every", type=int, default=5, help="checkpoint.every_steps of the reduced run")
     p.add_argument("--full", action="store_true", help="the config as it is (only the step cap and cadence set)")
     p.add_argument("--max-kills", type=int, default=3, help="kills per trial: 1 to this many")
+    p.add_argument("--mode", choices=("mixed", "save", "step"), default="mixed",
+                   help="where kills land: inside saves, at random moments of steps, or half and half")
     p.add_argument("--pause", type=float, default=0.5, help="seconds each save phase pauses in killed runs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-trial", type=int, default=0, help="number the trials from here (split a campaign)")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "stress_faults"))
     p.add_argument("--timeout", type=float, default=900, help="seconds one launch may take")
     p.add_argument("--keep", action="store_true", help="keep the run folders of bit-identical trials")
@@ -281,7 +285,7 @@ def main(argv=None) -> dict:
     sets = reduced_sets(args)
     ref, step_s = reference(args, sets)
     results = []
-    for i in range(args.trials):
+    for i in range(args.first_trial, args.first_trial + args.trials):
         r = run_trial(i, args, sets, ref, step_s)
         results.append(r)
         print(f"trial {i}: survived={r['survived']} bit_identical={r.get('bit_identical')} "

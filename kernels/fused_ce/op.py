@@ -17,7 +17,7 @@ import functools
 import torch
 
 from . import triton_ce
-from .reference import check_args
+from .reference import check_args, loss_dtype
 
 
 @functools.cache
@@ -83,7 +83,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
         n = counted.sum().clamp_min(1).float() if reduction == "mean" else torch.ones((), device=h_ND.device)
         ctx.save_for_backward(dh, dw, n)
         ctx.dtypes = (h_ND.dtype, w_VD.dtype)
-        return (total / n).to(h_ND.dtype)
+        return (total / n).to(loss_dtype(h_ND.dtype, reduction))
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -5,7 +5,8 @@ Legend: N tokens, D width, V vocab. Same signature as the Triton op
 accepted for that reason and unused here. Conventions shared by every path:
 tokens whose label equals `ignore_index` contribute nothing; reduction="mean"
 divides by the number of counted tokens, or by 1 when there are none (loss 0
-and zero gradients, never NaN); the loss comes back in the dtype of `hidden`.
+and zero gradients, never NaN); the mean comes back in the dtype of `hidden`,
+the sum in at least fp32.
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ import torch
 import torch.nn.functional as F
 
 REDUCTIONS = ("mean", "sum")
+
+
+def loss_dtype(h_dtype: torch.dtype, reduction: str) -> torch.dtype:
+    """The mean in hidden's dtype; the sum in at least fp32 (a sum over many tokens loses its digits in bf16)."""
+    return h_dtype if reduction == "mean" else torch.promote_types(h_dtype, torch.float32)
 
 
 def check_args(hidden, weight, labels, reduction: str) -> None:
@@ -36,4 +42,4 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, ignore_index: int = -1
     total = F.cross_entropy(logits_NV, labels, ignore_index=ignore_index, reduction="sum")
     if reduction == "mean":
         total = total / (labels != ignore_index).sum().clamp_min(1)
-    return total.to(hidden.dtype)
+    return total.to(loss_dtype(hidden.dtype, reduction))

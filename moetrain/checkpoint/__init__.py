@@ -5,6 +5,7 @@
     store        collective save/load during training (engine, RNG, loader, expert shards)
     experts      expert-parallel shard files
     consolidate  one fp32 model on CPU from any ZeRO stage / EP size (weights_only=True)
+    reshard      resume on another layout: process count, ZeRO stage 0-2, model.moe.ep_size
     stage        a checkpoint's stage -> RoPE + attention on a model
 
 Imports config/, model/ and (lazily) parallel/ and train.schedule; never train.loop,

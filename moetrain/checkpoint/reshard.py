@@ -73,19 +73,25 @@ def _zero12_optimizer_state(ckpt_dir: str) -> dict:
         raise ValueError(f"{ckpt_dir}: DeepSpeed's optimizer files are in the elastic format; resume with the "
                          "process count that wrote them")
     groups = model_file["param_shapes"]
-    keys = sorted({k for k, v in base[0]["state"].get(0, {}).items() if torch.is_tensor(v) and v.dim() == 1})
+    # per group: its state keys (AdamW's moments, Muon's momentum: groups may differ)
+    group_keys = [sorted(k for k, v in base[0]["state"].get(g, {}).items() if torch.is_tensor(v) and v.dim() == 1)
+                  for g in range(len(groups))]
     out = {name: {} for shapes in groups for name in shapes}
-    for key in keys:
-        # each rank's flat state minus its group padding: the same layout as the saved fp32 partitions
-        parts = [{**o, "single_partition_of_fp32_groups": [b["state"][g][key][:b["state"][g][key].numel() - pad]
-                                                          for g, pad in enumerate(o["group_paddings"])]}
+    for key in sorted({k for keys in group_keys for k in keys}):
+        def flat(o, b, g):  # one rank's flat state minus its group padding (zeros where the group lacks `key`)
+            n = o["single_partition_of_fp32_groups"][g].numel()
+            return b["state"][g][key][:n] if key in group_keys[g] else torch.zeros(n)
+        parts = [{**o, "single_partition_of_fp32_groups": [flat(o, b, g) for g in range(len(groups))]}
                  for o, b in zip(opt, base)]
         full = _zero12_state_dict(model_file, parts)
-        for name in out:
-            out[name][key] = full[name]
+        for g, shapes in enumerate(groups):
+            for name in shapes:
+                if key in group_keys[g]:
+                    out[name][key] = full[name]
     for g, shapes in enumerate(groups):
         for name in shapes:
-            out[name].update({k: v for k, v in base[0]["state"][g].items() if not (torch.is_tensor(v) and v.dim())})
+            out[name].update({k: v for k, v in base[0]["state"].get(g, {}).items()
+                              if not (torch.is_tensor(v) and v.dim())})
     return out
 
 
@@ -95,8 +101,8 @@ def _zero0_optimizer_state(ckpt_dir: str, names: Optional[list]) -> dict:
     states are that rank's slices (concatenated here in EP-rank order)."""
     from moetrain.checkpoint.consolidate import _ds_records, _load
     records = _ds_records()
-    ep_files = sorted(f for f in os.listdir(ckpt_dir) if f.startswith("expp_rank_") and f.endswith("optim_states.pt"))
-    ep_files.sort(key=lambda f: int(f.split("_")[2]))
+    ep_files = sorted((f for f in os.listdir(ckpt_dir) if f.startswith("expp_rank_") and f.endswith("optim_states.pt")),
+                      key=lambda f: int(f.split("_")[2]))  # expp_rank_{r}_mp_rank_00_optim_states.pt
     if ep_files:
         states = [_load(os.path.join(ckpt_dir, f), records)["optimizer"] for f in ep_files]
     else:
@@ -161,6 +167,7 @@ def _write_zero12(opt, params: dict, weights: dict, state: dict, ep_groups) -> N
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
     from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
     name_of = {id(p): n for n, p in params.items()}
+    device = opt.single_partition_of_fp32_groups[0].device
     for i, hp in enumerate(opt.single_partition_of_fp32_groups):
         first = state[name_of[id(opt.bit16_groups[i][0])]]
         opt.optimizer.state[hp] = {k: (torch.zeros_like(hp) if torch.is_tensor(v) and v.dim() else
@@ -170,18 +177,20 @@ def _write_zero12(opt, params: dict, weights: dict, state: dict, ep_groups) -> N
     for group in opt.bit16_groups:
         for p in group:
             name = name_of[id(p)]
-            safe_set_full_fp32_param(p, _local(name, weights[name], p, ep_groups).to(hp.device, torch.float32))
+            safe_set_full_fp32_param(p, _local(name, weights[name], p, ep_groups).to(device, torch.float32))
             for k, v in state[name].items():
                 if torch.is_tensor(v) and v.dim():
-                    safe_set_full_optimizer_state(p, _local(name, v, p, ep_groups).to(hp.device, torch.float32), k)
+                    safe_set_full_optimizer_state(p, _local(name, v, p, ep_groups).to(device, torch.float32), k)
 
 
-def _check_writable(engine, old: dict, new: dict, ckpt_dir: str) -> None:
+def _check_writable(engine, old: dict, new: dict, ckpt_dir: str, old_bf16: bool = False) -> None:
+    """Refuse (one line, both layouts, the fix) what is not re-split: ZeRO-3 on either side, and
+    bf16 at ZeRO-0 (DeepSpeed's BF16_Optimizer keeps its own partitions) on either side."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
     opt = engine.optimizer
     ok_new = isinstance(opt, DeepSpeedZeroOptimizer) or (new["zero"] == 0 and isinstance(opt, torch.optim.Optimizer)
                                                          and not hasattr(opt, "bf16_groups"))
-    if old["zero"] == 3 or not ok_new:
+    if old["zero"] == 3 or (old["zero"] == 0 and old_bf16) or not ok_new:
         raise ValueError(f"checkpoint {ckpt_dir} was written by {describe(old)}, this launch has {describe(new)}: "
                          "re-splitting works between ZeRO 0 (fp32), 1 and 2 only; relaunch with the checkpoint's "
                          f"layout: {old['world']} process(es), deepspeed.zero_stage={old['zero']}, "
@@ -193,7 +202,7 @@ def load_resharded(engine, ckpt_dir: str, client: dict, world: int, ep_groups) -
     engine's weights and optimizer state from a checkpoint of another layout."""
     from moetrain.checkpoint.consolidate import _ds_records, _load
     old, new = saved_layout(client), current_layout(engine, world, ep_groups)
-    _check_writable(engine, old, new, ckpt_dir)
+    _check_writable(engine, old, new, ckpt_dir, client["config"].get("train", {}).get("precision") == "bf16")
     same_groups = old["ep"] == new["ep"]  # ZeRO-0 state without saved names: positions match the current groups
     weights, state = read_full_state(ckpt_dir, client, optimizer_param_names(engine) if same_groups else None)
     params = dict(engine.module.named_parameters())

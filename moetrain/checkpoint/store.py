@@ -203,7 +203,10 @@ def load(engine, ckpt_dir: str, rank: int, world: int,
     A checkpoint of another layout (process count, ZeRO stage, model.moe.ep_size) is re-split
     (reshard.py); the same layout loads through DeepSpeed, bit for bit."""
     client = read_client_state(ckpt_dir)
-    if reshard.saved_layout(client) != reshard.current_layout(engine, world, ep_groups):
+    if "config" not in client and client["world_size"] != world:  # a bare save (tests): no layout to re-split from
+        raise ValueError(f"checkpoint {ckpt_dir} was written by {client['world_size']} processes but this "
+                         f"launch has {world}; relaunch with {client['world_size']} or start a new run dir")
+    if "config" in client and reshard.saved_layout(client) != reshard.current_layout(engine, world, ep_groups):
         reshard.load_resharded(engine, ckpt_dir, client, world, ep_groups)
         rank_state, torch_rng = reshard.rank_state(ckpt_dir, client, rank)
         _set_rng_state(rank_state.pop("rng"), torch_rng)

@@ -235,7 +235,7 @@ class TrainSection:
 @dataclass
 class OptimConfig:
     name: str = "adamw"
-    """adamw | muon (Moonlight recipe, moetrain.optim; needs deepspeed.zero_stage=0)."""
+    """adamw | muon (Moonlight recipe, moetrain.optim; deepspeed.zero_stage 0, 1 or 2, with or without EP)."""
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1

@@ -161,9 +161,9 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     _need(o.grad_clip >= 0, f"optim.grad_clip={o.grad_clip} must be >= 0")
     _need(0 < o.decay_fraction <= 1, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
     _need(0 <= o.muon_momentum < 1, f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
-    _need(o.name != "muon" or d.zero_stage == 0,
-          f"optim.name=muon needs whole matrices, which ZeRO stage {d.zero_stage} splits into flat partitions: "
-          "set deepspeed.zero_stage=0 (expert parallelism still works) or use optim.name=adamw")
+    _need(o.name != "muon" or d.zero_stage < 3,
+          "optim.name=muon needs whole matrices, which ZeRO-3 keeps partitioned even in the optimizer step: "
+          "set deepspeed.zero_stage to 0, 1 or 2 (expert parallelism works with all three) or use optim.name=adamw")
     _need(cfg.checkpoint.every_steps > 0, f"checkpoint.every_steps={cfg.checkpoint.every_steps} must be positive")
     _need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 1")
     _need(cfg.logging.every_steps > 0, f"logging.every_steps={cfg.logging.every_steps} must be positive")

@@ -86,20 +86,16 @@ class ModelForward:
             out["r"] = head(h, module.weight, start)
             return (h[:, :0],) + tuple(args[1:]), kwargs  # the model's own projection gets no tokens
 
+        def to_dev(t):
+            return t if t is None or self.device is None else t.to(self.device)
+
         handle = self.model.lm_head.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             with torch.no_grad():
-                dev = self.device
-                self.call(local["input_ids"].to(dev) if dev else local["input_ids"],
-                          position_ids=None if local["position_ids"] is None else
-                          (local["position_ids"].to(dev) if dev else local["position_ids"]))
+                self.call(to_dev(local["input_ids"]), position_ids=to_dev(local["position_ids"]))
         finally:
             handle.remove()
         return sh.sum(out["r"]) if sh.size > 1 else out["r"]
-
-    def __call__(self, input_ids, position_ids=None):
-        """Full logits [B, S, V] (for small checks; the evaluation itself uses run)."""
-        return self.run(input_ids, lambda h, w, start: F.linear(h, w).float(), position_ids).cpu()
 
 
 class HFForward:

@@ -5,6 +5,7 @@ The CLI catches ImportError around its work and prints `missing_package_line(err
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Optional
 
 # import name -> what to pip install (the distribution, as pyproject.toml names it)
@@ -37,8 +38,20 @@ def missing_module(err: ImportError) -> Optional[str]:
     return name.split(".")[0] if name else None
 
 
+def _missing_distribution(err: ImportError) -> Optional[str]:
+    """The requirement in transformers' dependency check ("The 'safetensors>=0.8.0' distribution
+    was not found ..."), raised as PackageNotFoundError whose `name` is that whole sentence."""
+    m = re.search(r"The '([A-Za-z0-9_.\-]+[<>=!~]*[A-Za-z0-9_.,<>=!~*]*)' distribution was not found", str(err))
+    return m.group(1) if m else None
+
+
 def missing_package_line(err: ImportError) -> str:
     """`error: ...` without a traceback: what is missing and the command that installs it."""
+    req = _missing_distribution(err)
+    if req:
+        dist = re.split(r"[<>=!~]", req)[0]
+        return (f"error: Python package '{dist}' is missing; install it with `pip install '{req}'` "
+                "(or `pip install -e .`)")
     mod = missing_module(err)
     if mod in OTHER_VENV:
         return f"error: Python package '{mod}' is not installed here; {OTHER_VENV[mod]}"

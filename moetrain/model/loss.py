@@ -12,7 +12,8 @@ input dtype + a Triton kernel for the online logsumexp and the logits gradient);
 "auto" takes the fused path on CUDA tensors. Both: labels == ignore_index
 count for nothing; "mean" divides by the counted tokens (or 1 when none: loss
 0, zero gradients); "sum" returns the sum, for callers that normalise by a
-global token count (sequence parallelism); the loss has the dtype of h.
+global token count (sequence parallelism); the mean has the dtype of h, the
+sum at least fp32.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from moetrain.kernels.fused_ce.reference import loss_dtype
 
 IGNORE = -100
 LOSS_IMPLS = ("auto", "chunked", "fused")
@@ -54,7 +57,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_w += g.t() @ h_c
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.dtypes = (h_Td.dtype, w_Vd.dtype)
-        return (total / n_valid).to(h_Td.dtype)
+        return (total / n_valid).to(loss_dtype(h_Td.dtype, reduction))
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -6,7 +6,8 @@ that the update RMS matches AdamW's (~0.2) and AdamW's learning rate carries ove
 decoupled weight decay. A stacked expert weight `[E, R, C]` is E separate matrices:
 the iteration runs batched over the leading dim. Everything else (embeddings,
 norms, router, biases, LM head) gets AdamW inside the same optimizer, chosen per
-param group by its `use_muon` flag.
+param group by its `use_muon` flag. Under ZeRO-1/2 the groups hold flat partitions;
+muon_zero.py gathers each matrix for the iteration.
 """
 from __future__ import annotations
 
@@ -54,6 +55,7 @@ class MoonlightMuon(torch.optim.Optimizer):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_steps=ns_steps, betas=tuple(betas), eps=eps, use_muon=False)
         super().__init__(param_groups, defaults)
+        self.zero_layouts: dict = {}  # id(flat partition) -> FlatLayout under ZeRO-1/2 (muon_zero.py)
         for g in self.param_groups:
             if g["use_muon"]:
                 bad = [tuple(p.shape) for p in g["params"] if p.dim() not in (2, 3)]
@@ -72,19 +74,27 @@ class MoonlightMuon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if g["use_muon"]:
-                    self._muon_step(p, g)
+                    self._muon_step(p, g, self.zero_layouts.get(id(p)) if p.dim() == 1 else None)
                 else:
                     self._adamw_step(p, g)
         return loss
 
-    def _muon_step(self, p: torch.Tensor, g: dict) -> None:
+    def _muon_step(self, p: torch.Tensor, g: dict, flat_layout=None) -> None:
+        """`p` a matrix, or under ZeRO-1/2 a flat partition of matrices (muon_zero.py)."""
+        if p.dim() == 1 and flat_layout is None:
+            raise ValueError("MoonlightMuon got a flat ZeRO partition without its layout: call "
+                             "moetrain.optim.muon_zero.attach_zero_layouts(engine.optimizer) after deepspeed.initialize")
         state = self.state[p]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         buf, mu = state["momentum_buffer"], g["momentum"]
         buf.mul_(mu).add_(p.grad)
         update = p.grad.add(buf, alpha=mu) if g["nesterov"] else buf
-        update = newton_schulz(update, g["ns_steps"]) * muon_scale(p.shape)
+        if flat_layout is not None:
+            from moetrain.optim.muon_zero import orthogonalised_partition
+            update = orthogonalised_partition(update, flat_layout, g["ns_steps"])
+        else:
+            update = newton_schulz(update, g["ns_steps"]) * muon_scale(p.shape)
         p.mul_(1.0 - g["lr"] * g["weight_decay"])
         p.add_(update, alpha=-g["lr"])
 

@@ -29,7 +29,8 @@ class ParallelDims:
                              f"has {self.world}: launch a multiple of {self.ep} processes or set "
                              f"model.moe.ep_size to a divisor of {self.world}")
         if self.sp < 1 or self.world % self.sp:
-            raise ValueError(f"deepspeed.sequence_parallel_size={self.sp} needs a multiple of {self.sp} processes; "
+            raise ValueError(f"sequence parallel size {self.sp} (deepspeed.sequence_parallel_size) needs a multiple "
+                             f"of {self.sp} processes; "
                              f"this launch has {self.world}: launch a multiple of {self.sp} processes or set "
                              f"deepspeed.sequence_parallel_size to a divisor of {self.world}")
         assert 0 <= self.rank < self.world, (self.rank, self.world)
@@ -41,9 +42,9 @@ class ParallelDims:
         ep = m.ep_size if m.n_experts else 1  # a dense model has no experts to split
         sp = cfg.deepspeed.sequence_parallel_size
         if world is None:
-            if not dist.is_initialized() and (ep > 1 or sp > 1):
-                raise ValueError(f"model.moe.ep_size={ep} / deepspeed.sequence_parallel_size={sp} need "
-                                 "torch.distributed (launch with deepspeed/torchrun)")
+            for key, size in (("model.moe.ep_size", ep), ("deepspeed.sequence_parallel_size", sp)):
+                if not dist.is_initialized() and size > 1:
+                    raise ValueError(f"{key}={size} needs torch.distributed (launch with deepspeed/torchrun)")
             world = dist.get_world_size() if dist.is_initialized() else 1
             rank = dist.get_rank() if dist.is_initialized() else 0
         return cls(world=world, rank=rank or 0, ep=ep, sp=sp)

@@ -14,6 +14,7 @@ import torch
 
 from moetrain.config import TrainConfig, grad_accum_for
 from moetrain.optim import MoonlightMuon, muon_param_groups
+from moetrain.optim.muon_zero import attach_zero_layouts
 from moetrain.parallel.expert_parallel import moe_param_groups
 from moetrain.parallel.parallelize import Parallelism
 
@@ -142,6 +143,9 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, parallelism: Parallel
     # DeepSpeed averages over every rank, sequence-parallel ones included (moetrain/parallel/sequence.py)
     ds_config = derive_deepspeed_config(cfg, parallelism.dims.zero_world, micro_batch_size, grad_accum_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds_config)
+    if isinstance(getattr(engine.optimizer, "optimizer", None), MoonlightMuon) and \
+            hasattr(engine.optimizer, "round_robin_bit16_groups"):  # ZeRO-1/2: Muon sees flat partitions
+        attach_zero_layouts(engine.optimizer)
     return engine
 
 

@@ -36,6 +36,9 @@ sequence-data-parallel group (SP ranks count as data-parallel ranks for ZeRO).
 MoE layers route their own shard's tokens; balancing losses and router
 statistics are summed over the group (moetrain.model.shard.SequenceShard), so
 they equal the unsharded values; capacity is decided over the whole sequences.
+
+Legend: B batch, S sequence (a rank holds S/P of it before the exchange, all of
+it after), H heads (H/P per rank after the exchange), D head dim, P group size.
 """
 from __future__ import annotations
 
@@ -224,6 +227,16 @@ class SequenceShardedLoader:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["loader"], name)
+
+
+def check_resume_size(cfg, client: dict, ckpt_dir: str) -> None:
+    """One sequence-parallel size per run: a checkpoint resumes only at the size it was trained with
+    (the data order, batches per step and shards all follow from it)."""
+    saved = ((client.get("config") or {}).get("deepspeed") or {}).get("sequence_parallel_size", 1)
+    now = cfg.deepspeed.sequence_parallel_size
+    if saved != now:
+        raise ValueError(f"checkpoint {ckpt_dir} was trained with deepspeed.sequence_parallel_size={saved}, this "
+                         f"launch sets {now}; one size per run: set it back to {saved} or start a new --run-dir")
 
 
 def sharded_loader(loader, dims) -> object:

@@ -7,7 +7,8 @@ keep the order they were given in. Priorities of the stock callbacks, so that
 a new one can slot in between:
 
     200  MoERouterCallback   bias update and router window, before anything reads them
-    100  (guards)            NaN / spike checks see the step before it is logged or saved
+    100  NonFiniteGuard      NaN / Inf check (and the step's loss over ranks) before it is logged or saved
+     90  SpikeGuard          loss-spike check on that loss: log, skip, or roll back to a checkpoint
      50  MetricsCollector    built into the Trainer: one reduction + host sync per log step,
                              then `log_metrics` to every callback
      40  HeldOutEvalCallback periodic held-out loss (after the step is logged)

@@ -41,8 +41,9 @@ def state_bytes_per_gpu(cfg: TrainConfig, n_dense: int, n_expert: int, world: in
 
     def one(n: int, dp: int) -> dict:
         z = cfg.deepspeed.zero_stage
+        on_gpu = 0 if cfg.deepspeed.offload_optimizer != "none" else 1
         return {"weights": n * w / (dp if z >= 3 else 1), "grads": n * w / (dp if z >= 2 else 1),
-                "optimizer": n * master / (dp if z >= 1 else 1) * (0 if cfg.deepspeed.offload_optimizer != "none" else 1)}
+                "optimizer": n * master / (dp if z >= 1 else 1) * on_gpu}
 
     a, b = one(n_dense, world), one(n_expert // ep, max(1, world // ep))
     return {k: a[k] + b[k] for k in a}
@@ -129,18 +130,20 @@ def memory_rows(cfg: TrainConfig, plans, states: dict, sp: int) -> list:
     return rows
 
 
-def _print_tables(mem_rows: list, sp: int, world: int, flops: list, configured: bool) -> None:
+def _print_tables(mem_rows: list, sp: int, flops: list, configured: bool) -> None:
     how = "deepspeed.sequence_parallel_size" if configured else "largest size the heads allow, not configured"
     print(f"activations per GPU (estimate, GiB; sp = sequence-parallel size, sp={sp}: {how}):")
     cols = sorted({1, sp})
-    print(f"  {'stage':<12}{'seq_len':>9}{'mbs':>5}" + "".join(f"{f'act sp={s}':>12}{f'total sp={s}':>14}" for s in cols))
+    head = "".join(f"{f'act sp={s}':>12}{f'total sp={s}':>14}" for s in cols)
+    print(f"  {'stage':<12}{'seq_len':>9}{'mbs':>5}" + head)
     for r in mem_rows:
         print(f"  {r['stage']:<12}{r['seq_len']:>9}{r['micro_batch_size']:>5}" + "".join(
             f"{r[f'activations_sp{s}']:>12}{r[f'total_sp{s}']:>14}" for s in cols))
     print("training FLOPs per token (attention as the pattern computes it, vs full causal over S):")
     for r in flops:
         print(f"  {r['stage']:<12}{r['seq_len']:>9}  {r['tflop_per_token'] * 1e3:.3f} GFLOP"
-              f"  (full causal {r['tflop_per_token_full_causal'] * 1e3:.3f}; attention {100 * r['attention_share']:.1f}%)")
+              f"  (full causal {r['tflop_per_token_full_causal'] * 1e3:.3f};"
+              f" attention {100 * r['attention_share']:.1f}%)")
 
 
 def dry_run(cfg: TrainConfig, world_size: int | None = None) -> dict:
@@ -172,6 +175,6 @@ def dry_run(cfg: TrainConfig, world_size: int | None = None) -> dict:
     print(f"parameters: total {counts['total'] / 1e9:.3f} B, active per token {counts['active'] / 1e9:.3f} B")
     print(f"memory per GPU (estimate, {world} GPUs, sequence parallel {sp_cfg}, largest stage): " + ", ".join(
         f"{k} {v} GiB" for k, v in report["memory_per_gpu_gib"].items()))
-    _print_tables(mem_rows, sp, world, flops, sp_cfg > 1)
+    _print_tables(mem_rows, sp, flops, sp_cfg > 1)
     print(json.dumps({"stages": report["stages"], "deepspeed": report["deepspeed"]}, indent=1))
     return report

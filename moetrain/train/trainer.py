@@ -77,6 +77,8 @@ class Trainer:
         self.resumed_from = ckpt.prepare_run_dir(run_dir, resume, overwrite, self.rank)
         if self.resumed_from:
             ckpt.check_same_model(self.cfg, self.resumed_from)
+            from moetrain.parallel.sequence import check_resume_size
+            check_resume_size(self.cfg, ckpt.read_client_state(self.resumed_from), self.resumed_from)
         # Batches per step: sequence-parallel groups share one (deepspeed.sequence_parallel_size).
         self.plans: list[StagePlan] = plan_stages(self.cfg, self.world // self.cfg.deepspeed.sequence_parallel_size)
         self.total = total_steps(self.plans, self.cfg.train.max_steps)

@@ -122,3 +122,19 @@ def sequence_parallel(rank: int, world: int, state_path: str, want_path: str) ->
     assert torch.equal(toks, want["toks"]), (rank, toks, want["toks"])
     torch.testing.assert_close(sums, want["sums"], rtol=1e-5, atol=1e-5)
     dist.destroy_process_group()
+
+
+def train_and_eval_sp(rank: int, world: int, overrides: list, run: str, out: str, argv: list) -> None:
+    """Train a tiny run with sequence parallelism over the 2 ranks (its stage end evaluates
+    through the SP engine), then scripts/eval_long.py on it in the same 2 processes."""
+    import importlib.util
+    from moetrain.compose import train
+    from moetrain.config import load_config
+    init(rank, world)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    train(load_config(os.path.join(root, "configs", "default.yaml"), overrides), run, resume="never")
+    spec = importlib.util.spec_from_file_location("eval_long_script", os.path.join(root, "scripts", "eval_long.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(argv + ["--model", run, "--out", out]) == 0
+    dist.destroy_process_group()

@@ -121,3 +121,59 @@ def test_make_trials_still_fit(tiny_data):
     tok = load_tokenizer(tiny_data)
     assert all(len(s.prompt_ids) + len(s.answer_ids) <= 200 for s in make_trials(tok, 200, 0.5, 4, seed=0))
     assert passkey_grid(W.Picky(tok, []), tok, [10], [0.5], 2)["notes"]  # too short: skipped with a note
+
+
+@pytest.mark.slow
+def test_stage_end_eval_under_zero3_matches_the_checkpoint(tiny_cfg, tmp_path):
+    """The eval head runs inside the LM head's call through the ZeRO-3 engine (the weight is
+    gathered there): the stage-end numbers equal those of the consolidated checkpoint."""
+    import json
+    from moetrain.compose import train
+    from moetrain.eval import evaluate, flat_metrics, load_for_eval
+    run = str(tmp_path / "run")
+    cfg = tiny_cfg(**{"stages": "[{name: main, seq_len: 64, steps: 2}]", "deepspeed.zero_stage": 3,
+                      "eval.enabled": "true", "eval.lengths": "[160]", "eval.passkey_trials": 2,
+                      "eval.depths": "[0, 1]", "eval.loss_documents": 2, "eval.position_buckets": 4})
+    train(cfg, run, resume="never")
+    rec = next(json.loads(x) for x in open(f"{run}/metrics.jsonl") if '"stage_end"' in x)
+    m = load_for_eval(run)
+    res = evaluate(m.forward, m.tokenizer, m.data_dir, [160], cfg.eval)
+    got = flat_metrics(res, 160)
+    assert got["passkey_acc@160"] == rec["passkey_acc@160"]
+    assert got["loss@160"] == pytest.approx(rec["loss@160"], abs=1e-4)
+    assert got["loss_pos_first@160"] == pytest.approx(rec["loss_pos_first@160"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_run_trained_with_sequence_parallelism_is_evaluated_with_it(tiny_data, tmp_path):
+    """2 processes train with deepspeed.sequence_parallel_size=2; the stage end and
+    scripts/eval_long.py (2 processes) evaluate sequence-parallel and agree; one process
+    evaluates the same checkpoint in one piece (with a note) and gets the same numbers."""
+    import json
+    import os
+    from eval_dist_workers import train_and_eval_sp
+    from moetrain.eval import evaluate, flat_metrics, load_for_eval
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "eval_sp_train_helpers", os.path.join(os.path.dirname(os.path.dirname(__file__)), "train", "train_helpers.py"))
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    tiny_overrides = helpers.tiny_overrides
+    run, out = str(tmp_path / "run"), str(tmp_path / "out")
+    ev = {"eval.enabled": "true", "eval.lengths": "[161]", "eval.passkey_trials": 2, "eval.depths": "[0, 1]",
+          "eval.loss_documents": 2, "eval.position_buckets": 4}
+    ov = tiny_overrides(tiny_data, steps=2, **{"deepspeed.sequence_parallel_size": 2, **ev})
+    argv = ["--lengths", "161", "--depths", "0,1", "--trials", "2", "--device", "cpu"]
+    W.spawn(train_and_eval_sp, 2, ov, run, out, argv)
+    rec = next(json.loads(x) for x in open(os.path.join(run, "metrics.jsonl")) if '"stage_end"' in x)
+    res = json.load(open(os.path.join(out, "eval.json")))
+    assert res["model"]["sequence_parallel_size"] == 2 and not res["notes"]
+    for key in ("passkey_acc@161", "loss@161", "loss_pos_first@161", "loss_pos_last@161"):
+        assert res["metrics"][key] == pytest.approx(rec[key], abs=1e-5), key
+    one = load_for_eval(run)  # this process: no group, so in one piece
+    assert one.info["sequence_parallel_size"] == 1 and "sequence_parallel_size=2" in one.info["note"]
+    from moetrain.config import load_config
+    got = flat_metrics(evaluate(one.forward, one.tokenizer, one.data_dir, [161],
+                                load_config(os.path.join(run, "config.yaml")).eval), 161)
+    assert got["passkey_acc@161"] == rec["passkey_acc@161"]
+    assert got["loss@161"] == pytest.approx(rec["loss@161"], abs=1e-4)

@@ -49,3 +49,16 @@ def test_missing_vllm_module_points_at_its_venv():
     from moetrain.export.deps import missing_package_line
     line = missing_package_line(ModuleNotFoundError("No module named 'vllm'", name="vllm"))
     assert line.startswith("error: ") and "scripts/serving_env.sh" in line
+
+
+def test_missing_distribution_found_by_transformers_is_one_line():
+    """transformers checks its own requirements with importlib.metadata and raises
+    PackageNotFoundError carrying a whole sentence as `name`: the line names the requirement."""
+    from importlib.metadata import PackageNotFoundError
+
+    from moetrain.export.deps import missing_package_line
+    err = PackageNotFoundError("The 'safetensors>=0.8.0' distribution was not found and is required by this "
+                               "application. \nTry: `pip install transformers -U`")
+    line = missing_package_line(err)
+    assert line == ("error: Python package 'safetensors' is missing; install it with "
+                    "`pip install 'safetensors>=0.8.0'` (or `pip install -e .`)"), line

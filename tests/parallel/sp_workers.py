@@ -80,9 +80,12 @@ def _close(a, b, what, rtol=1e-4, atol=1e-6):
 def equivalence(rank: int, world: int, cases: list) -> None:
     """Loss, logits, router stats and every gradient of the sharded model equal the unsharded one."""
     from moetrain.model import build_model
+    from moetrain.parallel.memory import apply_checkpointing
     from moetrain.parallel.sequence import apply_sequence_parallel, shard_batch
     init(rank, world)
     for pattern, n_kv, packed, extra in cases:
+        extra = dict(extra)
+        recompute = extra.pop("checkpoint", None)  # activation checkpointing on top (memory tools)
         torch.manual_seed(0)
         ref = build_model(model_cfg(pattern, n_kv, **extra)).float()
         model = copy.deepcopy(ref)
@@ -90,6 +93,8 @@ def equivalence(rank: int, world: int, cases: list) -> None:
         out_ref = ref(**batch)
         out_ref.loss.backward()
         shard = apply_sequence_parallel(model, world)
+        if recompute:
+            apply_checkpointing(model, recompute)
         assert (shard.rank, shard.size) == (rank, world)
         local = shard_batch(batch, rank, world)
         out = model(**local)

@@ -23,7 +23,8 @@ import sp_workers as workers  # noqa: E402
 
 from moetrain.config import ConfigError, config_from_dict, validate  # noqa: E402
 from moetrain.parallel.dims import ParallelDims  # noqa: E402
-from moetrain.parallel.sequence import SequenceShardedLoader, check_heads, shard_batch  # noqa: E402
+from moetrain.parallel.sequence import (SequenceShardedLoader, check_heads, check_resume_size,  # noqa: E402
+                                        shard_batch)
 
 
 def _load(name, path):
@@ -49,7 +50,7 @@ def test_sp2_model_equals_unsharded():
              ("sliding_sinks", 2, True, {}),
              ("moba", 1, True, {}),
              ("full", 2, False, {"capacity_factor": 1.0}),
-             ("sliding_sinks", 1, True, {"backend": "chunked"})]
+             ("sliding_sinks", 1, True, {"backend": "chunked", "checkpoint": "full"})]
     workers.spawn(workers.equivalence, 2, cases)
 
 
@@ -100,7 +101,7 @@ def test_sharded_loader_keeps_the_wrapped_loader_state():
 def test_dims_and_config_errors_are_clear():
     d = ParallelDims(world=4, rank=3, ep=2, sp=2)
     assert (d.dp, d.dp_rank, d.sp_rank, d.zero_world, d.ep_rank) == (2, 1, 1, 4, 1)
-    with pytest.raises(ValueError, match="sequence_parallel_size=4 needs a multiple of 4"):
+    with pytest.raises(ValueError, match=r"size 4 \(deepspeed.sequence_parallel_size\) needs a multiple of 4"):
         ParallelDims(world=6, rank=0, sp=4)
     check_heads(8, 2, 4)  # KV heads replicated
     with pytest.raises(ValueError, match="n_heads=6 is not divisible"):
@@ -116,6 +117,9 @@ def test_dims_and_config_errors_are_clear():
         return config_from_dict(d)
 
     validate(cfg(), world_size=2)
+    check_resume_size(cfg(), {"config": {"deepspeed": {"sequence_parallel_size": 2}}}, "ck")
+    with pytest.raises(ValueError, match="trained with deepspeed.sequence_parallel_size=1, this launch sets 2"):
+        check_resume_size(cfg(), {"config": {"deepspeed": {"sequence_parallel_size": 1}}}, "ck")
     for bad, msg in [(dict(model={"n_heads": 6, "n_kv_heads": 6}), "n_heads=6"),
                      (dict(stages=[{"seq_len": 63, "steps": 1}]), r"stages\[0\].seq_len=63"),
                      (dict(deepspeed={"sequence_parallel_size": 3}), "world size 2 is not divisible"),

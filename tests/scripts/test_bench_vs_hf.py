@@ -1,8 +1,8 @@
 """scripts/bench_vs_hf.py and scripts/gpu_check.sh at tiny sizes: the search's doubling and
-bisection, skipping points that cannot fit, the tables, pattern-aware FLOPs, one training
+bisection, skipping points that cannot fit, the tables, pattern-aware FLOPs (moetrain.flops), one training
 point of each stack, and the memory cap killing a try that exceeds it."""
-import argparse
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -107,25 +107,16 @@ def test_tables_show_ratios_and_targets():
     assert "12.80x" in by_name["... / hf's longest"] and "0.75x" in by_name["tok/s there / sliding+mem at 32k"]
 
 
-def _pairs_brute(S, kind, window, sinks, bs, topk):
-    """Visible pairs from an explicit [S, S] mask (MoBA: each query picks the topk-1 blocks
-    right before its own; the count does not depend on which ones without sinks)."""
-    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
-    vis = j <= i
-    if kind == "sliding":
-        vis &= (i - j < window) | (j < sinks)
-    elif kind == "moba":
-        vis &= (i // bs - j // bs) < topk
-    return float(vis.sum())
-
-
-@pytest.mark.parametrize("kind,S,sinks", [("full", 300, 0), ("sliding", 300, 4), ("sliding", 50, 4),
-                                         ("sliding", 301, 0), ("moba", 333, 0)])
-def test_visible_pairs(kind, S, sinks):
-    attn = argparse.Namespace(window=64, sink_tokens=sinks, block_size=32, moba_topk=3)
-    got = bvh.visible_pairs(S, kind, attn)
-    assert got == _pairs_brute(S, kind, 64, sinks, 32, 3)
-    assert got <= S * (S + 1) / 2
+def test_report_from_a_saved_json(tmp_path):
+    a = _args(budget_gb=8.0, seq_lens="2048")
+    res = {"hf": [(2048, _ok(1000, 2.0))], "dense": [(2048, _ok(1100, 1.5))]}
+    found = {"hf": {"longest": 2048, "first_fail": None, "capped": False, "partial": True,
+                    "result": _ok(1000, 2.0), "tries": [(2048, "ok")]}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"args": vars(a), "peak_flops": 1e11, "points": res, "search": found}))
+    text = "\n".join(bvh.report_from_json(str(path)))
+    assert "budget 8 GB" in text and "1.10x" in text and ">=2048" in text  # partial search: a lower bound
+    assert "tok/s at 2k, dense: ours / hf (wall/cpu)" in text
 
 
 def test_flops_match_model_helper_for_dense_and_shrink_for_sliding():
@@ -175,13 +166,18 @@ def test_gpu_summary_reads_the_stage_outputs(tmp_path, capsys):
     (tmp_path / "pytest.log").write_text("....\n7 passed, 3 deselected in 41.2s\n")
     (tmp_path / "pytest.rc").write_text("0\n")
     (tmp_path / "search.json").write_text(
-        '{"peak_flops": 1e15, "points": {"sliding+mem": []}, "search": {"sliding+mem": '
-        '{"longest": 1572864, "first_fail": 2097152, "capped": false, "result": null, "tries": []}}}')
+        '{"args": {"device": "cuda", "dtype": "bf16"}, "peak_flops": 1e15, "points": {"sliding+mem": []}, '
+        '"search": {"sliding+mem": {"longest": 1572864, "first_fail": 2097152, "capped": false, "result": null, '
+        '"tries": []}}}')
+    (tmp_path / "smoke.json").write_text(
+        '{"args": {"device": "cuda", "dtype": "bf16"}, "peak_flops": 1e15, "search": {}, "points": {"cfg": '
+        '[[4096, {"status": "ok", "tok_s": 20000, "tok_cpu_s": 1, "flops_per_token": 1e10, "peak_gb": 9}]]}}')
     text = "\n".join(bvh.gpu_summary(str(tmp_path)))
     tf16 = 4 * 16 * 128 * (16384 * 16384 // 2) / 12.5e-3 / 1e12
-    assert f"{tf16:.0f}" in text and "7 passed" in text
+    assert f"{tf16:.0f}" in text
     assert "10.0x / 8.0x" in text  # window at 64k against SDPA causal at 64k
-    assert "1572864" in text and "smoke (rc not run)" in text
+    assert "1572864" in text and "20000 tok/s 20.0% MFU" in text and "bf16 train step" in text
+    assert "7 passed" in text and "3 deselected" not in text
 
 
 def test_gpu_check_script_parses():

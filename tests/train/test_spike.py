@@ -26,7 +26,7 @@ class Spike(Callback):
     priority = 150
 
     def __init__(self, steps, factor=10.0):
-        self.todo, self.factor = set(steps), factor
+        self.todo, self.factor = list(steps), factor  # fired in this order (a rerun may revisit a step)
         self.visits = []   # (step, loader slot before it), in the order trained
         self.before, self.after, self.skipped = {}, {}, {}  # step -> the last visit's value
 
@@ -41,8 +41,8 @@ class Spike(Callback):
 
     def post_backward(self, trainer):
         step = trainer.state.step + 1
-        if step in self.todo:
-            self.todo.discard(step)
+        if self.todo and step == self.todo[0]:
+            self.todo.pop(0)
             trainer.step_loss = trainer.step_loss * self.factor
 
     def post_step(self, trainer):
@@ -67,7 +67,7 @@ def _run(tiny_data, run, steps, action, spike_steps=(), resume="never", **extra)
 
 
 def test_spike_log_counts_and_trains_on(tiny_data, tmp_path, capsys):
-    state, cb = _run(tiny_data, str(tmp_path / "log"), 8, "log", {6})
+    state, cb = _run(tiny_data, str(tmp_path / "log"), 8, "log", [6])
     assert state.step == 8 and state.stop_reason is None
     assert not cb.skipped[6] and not _same(cb.before[6], cb.after[6])  # logged only: the step trained
     recs, events = _metrics(str(tmp_path / "log"))
@@ -85,7 +85,7 @@ def test_spike_log_counts_and_trains_on(tiny_data, tmp_path, capsys):
 def test_spike_skip_leaves_weights_and_buffers_unchanged(tiny_data, tmp_path, capsys, action):
     run = str(tmp_path / action)
     # expert bias on: the skipped step must not move that buffer either
-    state, cb = _run(tiny_data, run, 8, action, {6}, **{"checkpoint.every_steps": 100,
+    state, cb = _run(tiny_data, run, 8, action, [6], **{"checkpoint.every_steps": 100,
                                                         "model.moe.bias_update_speed": 0.01})
     assert state.step == 8 and state.stop_reason is None
     assert cb.skipped[6] and _same(cb.before[6], cb.after[6])   # every weight and buffer as before
@@ -103,9 +103,9 @@ def test_spike_skip_leaves_weights_and_buffers_unchanged(tiny_data, tmp_path, ca
 
 
 def test_spike_state_survives_checkpoint_and_resume_exactly(tiny_data, tmp_path):
-    full, _ = _run(tiny_data, str(tmp_path / "full"), 10, "skip", {6})
+    full, _ = _run(tiny_data, str(tmp_path / "full"), 10, "skip", [6])
     cut = str(tmp_path / "cut")
-    _run(tiny_data, cut, 10, "skip", {6}, **{"train.max_steps": 7})  # stops at 7, final checkpoint there
+    _run(tiny_data, cut, 10, "skip", [6], **{"train.max_steps": 7})  # stops at 7, final checkpoint there
     _run(tiny_data, cut, 10, "skip", (), resume="auto")
     a, b = (ckpt.read_client_state(ckpt.RunDir(r).newest_complete()) for r in (str(tmp_path / "full"), cut))
     assert a["step"] == b["step"] == 10
@@ -131,7 +131,7 @@ def test_spike_rollback_restores_the_checkpoint_and_never_trains_on_the_dropped_
                                                                                         capsys):
     run, ref, cut = (str(tmp_path / n) for n in ("rollback", "ref", "cut"))
     extra = {"checkpoint.every_steps": 5, "train.grad_accum_steps": 2, "train.micro_batch_size": 2}
-    state, cb = _run(tiny_data, run, 12, "rollback", {8}, **extra)
+    state, cb = _run(tiny_data, run, 12, "rollback", [8], **extra)
     assert state.step == 12 and state.stop_reason is None
     # Steps 6-8 ran, the spike at 8 reloaded the checkpoint of step 5, and steps 6-12 ran again.
     visits = cb.visits
@@ -161,7 +161,7 @@ def test_spike_rollback_restores_the_checkpoint_and_never_trains_on_the_dropped_
     assert saved["dropped"] == [{"stage": "main", "checkpoint_step": 5, "spike_step": 8, "steps": [6, 8],
                                  "slots": [first[6], first[8] + per_step]}]
     # A later resume of the rolled-back run continues exactly (its checkpoints are past the batches).
-    _run(tiny_data, cut, 12, "rollback", {8}, **{**extra, "train.max_steps": 10})
+    _run(tiny_data, cut, 12, "rollback", [8], **{**extra, "train.max_steps": 10})
     assert ckpt.read_client_state(ckpt.RunDir(cut).newest_complete())["step"] == 10
     _run(tiny_data, cut, 12, "rollback", (), resume="auto", **extra)
     assert [r["loss"] for r in _metrics(cut)[0]] == [r["loss"] for r in recs]
@@ -169,7 +169,29 @@ def test_spike_rollback_restores_the_checkpoint_and_never_trains_on_the_dropped_
 
 
 def test_max_spikes_stops_the_run_as_a_failure(tiny_data, tmp_path):
-    state, cb = _run(tiny_data, str(tmp_path / "max"), 12, "skip", {5, 7}, **{"guards.max_spikes": 2})
+    state, cb = _run(tiny_data, str(tmp_path / "max"), 12, "skip", [5, 7], **{"guards.max_spikes": 2})
     assert state.step == 7 and not state.stop_ok
     assert state.stop_reason.startswith("stopped: 2 loss spikes above 2.0x the recent mean (guards.max_spikes=2)")
     assert cb.skipped[5] and cb.skipped[7] and not cb.skipped[6]
+
+
+@pytest.mark.slow
+def test_a_second_spike_before_the_next_checkpoint_drops_both_ranges(tiny_data, tmp_path):
+    """Spike at step 8 (rollback to 5, batches of 3 steps dropped), then again at the rerun's
+    step 7: back to 5 once more, now past all 5 steps' batches trained on since it."""
+    run = str(tmp_path / "twice")
+    state, cb = _run(tiny_data, run, 10, "rollback", [8, 7], **{"checkpoint.every_steps": 5})
+    assert state.step == 10
+    visits = cb.visits
+    assert [s for s, _ in visits] == list(range(1, 9)) + [6, 7] + list(range(6, 11))
+    first, second, third = dict(visits[:8]), dict(visits[8:10]), dict(visits[10:])
+    per_step = first[7] - first[6]
+    assert second[6] == first[6] + 3 * per_step and third[6] == first[6] + 5 * per_step
+    assert _same(cb.before[6], cb.after[5])  # the checkpoint's weights, again
+    saved = ckpt.read_client_state(ckpt.RunDir(run).newest_complete())["spike_guard"]
+    assert saved["spikes"] == 2
+    assert [(d["spike_step"], d["steps"], d["slots"]) for d in saved["dropped"]] == [
+        (8, [6, 8], [first[6], first[6] + 3 * per_step]),
+        (7, [6, 7], [first[6] + 3 * per_step, first[6] + 5 * per_step])]
+    recs, events = _metrics(run)
+    assert [r["step"] for r in recs] == list(range(1, 11)) and [e["spike_step"] for e in events] == [8, 7]

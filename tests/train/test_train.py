@@ -70,7 +70,7 @@ def test_zero_stage_runs_20_steps(zero_runs, z):
 def test_run_folder_matches_design_and_loss_falls(zero_runs):
     run = zero_runs[1]
     assert sorted(p for p in os.listdir(run) if not p.startswith(".")) == ["checkpoints", "config.yaml",
-                                                                          "metrics.jsonl"]
+                                                                          "metrics.jsonl", "plots", "summary.md"]
     recs = read_metrics(run)
     step = [r for r in recs if "event" not in r]
     for key in ("step", "stage", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "aux_loss", "mfu",

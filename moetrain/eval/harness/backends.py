@@ -17,9 +17,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 RUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runner.py")
 VENV_ENV = "MOETRAIN_VLLM_VENV"  # as moetrain.export.engine_check: where the vLLM venv is
 BACKENDS = ("hf", "vllm")
+VLLM_EXTRA = 2  # positions past the longest row that vLLM needs (see model_args)
 LM_EVAL_PIN = "lm-eval>=0.4.9,<0.5"
 MISSING_LM_EVAL = (f"error: Python package 'lm_eval' is missing; install it with `pip install -e '.[eval]'` "
                    f"(or `pip install '{LM_EVAL_PIN}'`)")
+
+
+class HarnessFailed(RuntimeError):
+    """The harness subprocess (vLLM backend) failed; its stderr tail is the message."""
 
 
 def vllm_venv() -> str:
@@ -31,27 +36,36 @@ def model_args(backend: str, model_dir: str, max_len: int, add_bos: bool, device
     args = {"pretrained": os.path.abspath(model_dir), "dtype": "float32", "add_bos_token": add_bos}
     if backend == "hf":
         return {**args, "max_length": int(max_len), "device": device}
-    # every prompt computed in full, nothing reused across prompts (as export's engine check)
-    return {**args, "max_model_len": int(max_len), "enforce_eager": True, "enable_prefix_caching": False, "seed": 0}
+    # lm-eval's vLLM backend keeps one position for a generated token and a row is S + 1 tokens: S + 2.
+    # Every prompt computed in full, nothing reused across prompts (as the export's engine check).
+    return {**args, "max_model_len": int(max_len) + VLLM_EXTRA, "enforce_eager": True,
+            "enable_prefix_caching": False, "seed": 0}
 
 
 def request(backend: str, model_dir: str, tasks_dir: str, max_len: int, n_rows: dict, batch_size: int,
-            device: str = "cpu") -> dict:
-    """The runner's request: one pass per task that has rows."""
+            device: str = "cpu", trained_len: int = 0) -> dict:
+    """The runner's request: one pass per task that has rows. `allow_long`: vLLM's max_model_len
+    passes max_position_embeddings only by the VLLM_EXTRA positions of the last input token and
+    the generated one; no scored prediction reads them (causal attention), so it is allowed."""
     runs = [{"tasks": [task], "model_args": model_args(backend, model_dir, max_len, add_bos, device)}
             for task, add_bos in ((PPL_TASK, False), (PASSKEY_TASK, True)) if n_rows.get(task)]
     return {"model": backend, "runs": runs, "tasks_dir": os.path.abspath(tasks_dir),
-            "batch_size": batch_size if backend == "hf" else "auto"}
+            "batch_size": batch_size if backend == "hf" else "auto",
+            "allow_long": backend == "vllm" and max_len + VLLM_EXTRA > trained_len}
 
 
-def check_backend(backend: str) -> None:
-    """Fail before the slow work when the backend cannot run here (one line naming the fix)."""
+def check_backend(backend: str, max_len: int = 0, trained_len: int = 0) -> None:
+    """Fail before the slow work when the backend cannot run here (one line naming the fix).
+    vLLM sizes its RoPE tables by max_position_embeddings: longer rows would read past them."""
     if backend == "hf":
         try:
             import lm_eval  # noqa: F401
         except ImportError:
             raise ValueError(MISSING_LM_EVAL[len("error: "):]) from None
         return
+    if max_len > trained_len > 0:
+        raise ValueError(f"the vLLM backend cannot evaluate {max_len} tokens: the export's max_position_embeddings "
+                         f"is {trained_len}; use --lengths up to {trained_len} (the HF backend takes longer ones)")
     py = os.path.join(vllm_venv(), "bin", "python")
     if not os.path.isfile(py):
         raise ValueError(f"the vLLM backend needs the vLLM venv {vllm_venv()}, which does not exist; create it "
@@ -71,12 +85,14 @@ def run(backend: str, req: dict, work_dir: str) -> dict:
     with open(path, "w") as f:
         json.dump(req, f)
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    if req.get("allow_long"):
+        env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
     env.pop("PYTHONPATH", None)  # that venv must not pick up this checkout's packages
     p = subprocess.run([os.path.join(vllm_venv(), "bin", "python"), RUNNER, path, out], cwd=work_dir, env=env,
                        capture_output=True, text=True)
     if p.returncode != 0 or not os.path.isfile(out):
         tail = " | ".join(p.stderr.strip().splitlines()[-3:])[-600:]
-        raise RuntimeError(f"lm_eval (vLLM backend) failed with exit code {p.returncode}: {tail}")
+        raise HarnessFailed(f"lm_eval (vLLM backend) failed with exit code {p.returncode}: {tail}")
     with open(out) as f:
         return json.load(f)
 

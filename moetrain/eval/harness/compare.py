@@ -3,7 +3,7 @@ the comparison between them.
 
 Ours use our eval code (moetrain.eval: bucket_losses, score_batch) on the very windows
 and trials the rows hold. Perplexity agrees when the mean NLL per token differs by at most
-PPL_TOL nats; passkey agrees when every trial gets the same verdict.
+PPL_TOL[backend] nats; passkey agrees when every trial gets the same verdict.
 """
 from __future__ import annotations
 
@@ -11,12 +11,16 @@ import math
 
 import numpy as np
 
-# fp32 weights on both sides: the two forwards (ours and transformers' or vLLM's kernels) differ
-# only by float32 rounding, a few 1e-7 relative per op; through the layers that is ~1e-6 on a
-# token's log-probability, and the mean over hundreds of tokens is no larger. 1e-5 nats
-# (perplexity within 0.001%) leaves room for that and is still far below any real defect
-# (a wrong window, a shifted token or a missing <s> moves the mean by 1e-2 or more).
-PPL_TOL = 1e-5
+# Mean NLL per token, |harness - ours| in nats, per backend. Both sides run fp32 weights.
+# hf: transformers' eager PyTorch vs our model differ only by float32 rounding of different op
+#   orders, a few 1e-7 relative per op, ~1e-6 on a token's log-probability after the layers;
+#   the mean over hundreds of tokens is no larger (measured: <= 7e-7). 1e-5 = perplexity within 0.001%.
+# vllm: its CPU kernels (attention, fused MoE) round differently again (measured: ~2e-4 on the
+#   mean); 1e-3 is the export's own per-token bound for vLLM in fp32 (engine_check.MAX_DLOGPROB),
+#   which bounds the mean as well.
+# A real defect lands above both: e.g. an extra <s> before every window moves the tiny test
+# model's mean by ~1e-2 (tests/eval/test_harness.py checks it exceeds even the vLLM bound).
+PPL_TOL = {"hf": 1e-5, "vllm": 1e-3}
 
 
 def our_perplexity(forward, windows_by_length: dict, kept: dict, batch_tokens: int = 8192) -> dict:
@@ -62,7 +66,7 @@ def harness_passkey(samples: list) -> dict:
             (passkey_correct(s["response"], s["doc"]["answer"]), s["response"]) for s in samples}
 
 
-def compare_perplexity(ours: dict, theirs: dict, tol: float = PPL_TOL) -> dict:
+def compare_perplexity(ours: dict, theirs: dict, tol: float) -> dict:
     out = {}
     for length, o in ours.items():
         t = theirs.get(length)
