@@ -116,7 +116,7 @@ def _export_lines(run: RunDir) -> list[str]:
     gen = ("from transformers import AutoModelForCausalLM, AutoTokenizer; "
            f"t = AutoTokenizer.from_pretrained({run.export!r}); m = AutoModelForCausalLM.from_pretrained({run.export!r}); "
            "ids = t('ROMEO:', return_tensors='pt').input_ids; "
-           "print(t.decode(m.generate(ids, max_new_tokens=40, do_sample=False)[0]))")
+           "print(t.decode(m.generate(ids, max_new_tokens=40, do_sample=False)[0], skip_special_tokens=True))")
     out += ["", "Generate with transformers:", "", "```bash", f"python -c {shlex.quote(gen)}", "```", "",
             "Serve with vLLM (its own venv: `bash scripts/serving_env.sh`), then query it:", "", "```bash",
             f"vllm serve {d} --dtype float32 --max-model-len {hf.get('max_position_embeddings')}",
