@@ -180,7 +180,8 @@ def table(res: dict) -> str:
         for L, p in r["perplexity"].items():
             lines.append(f"[{backend}] ppl@{L}: ours nll {p['ours_nll']:.6f} (ppl {p['ours_ppl']:.4f}), harness nll "
                          f"{p['harness_nll']:.6f} (ppl {p['harness_ppl']:.4f}), |diff| {p['abs_diff']:.2e}, per "
-                         f"window <= {p['max_row_diff']:.2e}, {p['windows']} windows (tolerance {r['ppl_tolerance']:g}): "
+                         f"window <= {p['max_row_diff']:.2e}, {p['windows']} windows "
+                         f"(tolerance {r['ppl_tolerance']:g}): "
                          f"{'agree' if p['agree'] else 'DISAGREE'}")
         for L, p in r["passkey"].items():
             lines.append(f"[{backend}] passkey@{L}: ours {p['ours_acc']:.3f}, harness {p['harness_acc']:.3f} over "

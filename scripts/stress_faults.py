@@ -100,9 +100,15 @@ def child_env() -> dict:
 def step_losses(run_dir: str) -> dict:
     try:
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            recs = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):  # not written yet, or a line half written at the kill
+            lines = [line for line in f if line.strip()]
+    except OSError:  # not written yet
         return {}
+    recs = []
+    for line in lines:
+        try:
+            recs.append(json.loads(line))
+        except ValueError:  # a line half written at the kill
+            pass
     return {r["step"]: r["loss"] for r in recs if "event" not in r}
 
 

@@ -59,8 +59,9 @@ def harness_perplexity(samples: list) -> dict:
     for s in samples:
         rows = by_len.setdefault(int(s["doc"]["length"]), {})
         rows[int(s["doc"]["window"])] = (float(s["response"]), int(s["doc"]["n_tokens"]))
-    return {L: {"windows": len(rows), "nll": -math.fsum(ll for ll, _ in rows.values()) / sum(n for _, n in rows.values()),
-                "rows": {i: -ll / n for i, (ll, n) in rows.items()}} for L, rows in sorted(by_len.items())}
+    return {L: {"windows": len(rows), "rows": {i: -ll / n for i, (ll, n) in rows.items()},
+                "nll": -math.fsum(ll for ll, _ in rows.values()) / sum(n for _, n in rows.values())}
+            for L, rows in sorted(by_len.items())}
 
 
 def harness_passkey(samples: list) -> dict:
