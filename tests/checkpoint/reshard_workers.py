@@ -27,6 +27,7 @@ def overrides(data_dir: str, steps: int, **extra) -> list[str]:
         "optim.warmup_steps": 2, "optim.lr": 3e-3,
         "logging.every_steps": 1, "logging.console": "plain", "logging.wandb.mode": "disabled",
         "checkpoint.every_steps": 1000, "eval.enabled": "false",
+        "data.synthetic": "{}", "export.enabled": "false", "eval.lengths": "[]",
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

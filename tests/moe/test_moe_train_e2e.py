@@ -19,7 +19,8 @@ TINY = {"model.vocab_size": 512, "model.hidden_size": 64, "model.n_layers": 2, "
         "model.attention.window": 32, "data.recipe": "null", "stages": "[{name: main, seq_len: 64, steps: 6}]",
         "train.micro_batch_size": 2, "train.eval_batches": 2, "optim.warmup_steps": 5, "optim.lr": 3e-3,
         "logging.every_steps": 1, "logging.console": "plain", "logging.wandb.mode": "disabled",
-        "checkpoint.every_steps": 3, "eval.enabled": "false", "deepspeed.zero_stage": 2}
+        "checkpoint.every_steps": 3, "eval.enabled": "false", "deepspeed.zero_stage": 2,
+        "data.synthetic": "{}", "export.enabled": "false", "eval.lengths": "[]"}
 
 
 @pytest.fixture(scope="module")

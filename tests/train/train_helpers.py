@@ -17,6 +17,8 @@ def tiny_overrides(data_dir: str, steps: int = 20, **extra) -> list[str]:
         "optim.warmup_steps": 5, "optim.lr": 3e-3,
         "logging.every_steps": 1, "logging.console": "plain", "logging.wandb.mode": "disabled",
         "checkpoint.every_steps": 10, "eval.enabled": "false",
+        # configs/default.yaml is the demo (passkey rows, export at the end); a test opts in
+        "data.synthetic": "{}", "export.enabled": "false", "eval.lengths": "[]",
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -3,7 +3,8 @@ the comparison between them.
 
 Ours use our eval code (moetrain.eval: bucket_losses, score_batch) on the very windows
 and trials the rows hold. Perplexity agrees when the mean NLL per token differs by at most
-PPL_TOL[backend] nats; passkey agrees when every trial gets the same verdict.
+PPL_TOL[backend] nats, over all rows of a length and in every row; passkey agrees when every
+trial gets the same verdict.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def our_passkey(forward, tokenizer, cells: dict, batch_tokens: int = 8192) -> di
 
 
 def harness_perplexity(samples: list) -> dict:
-    """{length: {"windows", "nll"}} from the per-row log-likelihoods of moetrain_heldout_ppl."""
+    """{length: {"windows", "rows" {window index: mean NLL}, "nll"}} from moetrain_heldout_ppl's rows."""
     by_len = {}
     for s in samples:
         rows = by_len.setdefault(int(s["doc"]["length"]), {})
