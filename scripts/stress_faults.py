@@ -42,7 +42,8 @@ SMALL = {"model.hidden_size": 64, "model.n_layers": 2, "model.n_heads": 4, "mode
          "model.attention.layer_types": "[sliding, full]", "model.attention.window": 32,
          "train.micro_batch_size": 4, "train.eval_batches": 1, "optim.warmup_steps": 3,
          "logging.every_steps": 1, "logging.console": "plain", "logging.wandb.mode": "disabled",
-         "eval.enabled": "false", "export.enabled": "false", "checkpoint.keep_last": 2}
+         "eval.enabled": "false", "export.enabled": "false", "checkpoint.keep_last": 2,
+         "data.synthetic": "{}"}  # passkey rows need ~100 tokens; these sequences have 64
 
 
 # --------------------------------------------------------------------------- the training child

@@ -99,4 +99,4 @@ def test_h100_configs_dry_run(name):
 
 def test_default_config_round_trips():
     cfg = load_config(os.path.join(ROOT, "configs/default.yaml"))
-    assert cfg.name == "default" and to_dict(cfg)["model"]["moe"]["n_experts"] == 8
+    assert cfg.name == "default" and to_dict(cfg)["model"]["moe"]["n_experts"] == 4

@@ -21,7 +21,7 @@ def _train_with_export(tmp_path, data_dir, launcher):
             "stages": "[{name: a, seq_len: 16, steps: 2}, {name: b, seq_len: 32, steps: 2, "
                       "rope: {type: yarn, factor: 2.0}}]",
             "logging.console": "plain", "logging.wandb.mode": "disabled", "eval.enabled": "false",
-            "export.enabled": "true", "export.verify": "true", "export.dtype": "bf16"}
+            "export.enabled": "true", "export.verify": "true", "export.dtype": "bf16", "data.synthetic": "{}"}
     args = launcher + [os.path.join(ROOT, "scripts", "train.py"), "--config",
                        os.path.join(ROOT, "configs", "default.yaml"), "--run-dir", run]
     args += [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]

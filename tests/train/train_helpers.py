@@ -18,7 +18,7 @@ def tiny_overrides(data_dir: str, steps: int = 20, **extra) -> list[str]:
         "logging.every_steps": 1, "logging.console": "plain", "logging.wandb.mode": "disabled",
         "checkpoint.every_steps": 10, "eval.enabled": "false",
         # configs/default.yaml is the demo (passkey rows, export at the end); a test opts in
-        "data.synthetic": "{}", "export.enabled": "false", "eval.lengths": "[]",
+        "data.synthetic": "{}", "export.enabled": "false", "eval.lengths": "[]", "guards.spike_threshold": 2.0,
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]
