@@ -100,3 +100,11 @@ def test_h100_configs_dry_run(name):
 def test_default_config_round_trips():
     cfg = load_config(os.path.join(ROOT, "configs/default.yaml"))
     assert cfg.name == "default" and to_dict(cfg)["model"]["moe"]["n_experts"] == 4
+
+
+def test_a_bare_yaml_off_means_off(tmp_path):
+    # YAML 1.1 reads `spike_action: off` as false; the user meant the word.
+    p = tmp_path / "c.yaml"
+    p.write_text(open(os.path.join(ROOT, "configs/default.yaml")).read() + "\n")
+    cfg = load_config(str(p), ["guards.spike_action=off"])
+    assert cfg.guards.spike_action == "off"

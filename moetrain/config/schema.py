@@ -340,6 +340,11 @@ class GuardsConfig:
     """skip / rollback: stop training (exit code 1) at this many spikes acted on in the run; a
     spike that keeps coming back is a diverging run (lower optim.lr), not a bad batch."""
 
+    def __post_init__(self):
+        # YAML 1.1 reads a bare `off` as false, which reaches a string field as "False".
+        if self.spike_action in (False, "False", "false"):
+            self.spike_action = "off"
+
 
 @dataclass
 class LoggingConfig:

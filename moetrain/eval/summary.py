@@ -119,7 +119,7 @@ def _export_lines(run: RunDir) -> list[str]:
            "print(t.decode(m.generate(ids, max_new_tokens=40, do_sample=False)[0], skip_special_tokens=True))")
     out += ["", "Generate with transformers:", "", "```bash", f"python -c {shlex.quote(gen)}", "```", "",
             "Serve with vLLM (its own venv: `bash scripts/serving_env.sh`), then query it:", "", "```bash",
-            f"vllm serve {d} --dtype float32 --max-model-len {hf.get('max_position_embeddings')}",
+            f".venv-vllm/bin/vllm serve {d} --dtype float32 --max-model-len {hf.get('max_position_embeddings')}",
             "curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{run.export}\", \"prompt\": \"ROMEO:\", \"max_tokens\": 40, \"temperature\": 0}}'",
             "```"]
