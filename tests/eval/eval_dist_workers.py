@@ -8,30 +8,13 @@ greedy tokens and bucket losses.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 
 from moetrain.config import config_from_dict
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(fn, world: int, *args) -> None:
-    os.environ["MASTER_PORT"] = str(free_port())  # children inherit the environment
-    torch.multiprocessing.spawn(fn, args=(world, *args), nprocs=world, join=True)
-
-
-def init(rank: int, world: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+from dist_helpers import free_port, init, spawn  # noqa: F401 (tests/dist_helpers.py)
 
 
 class Picky:
