@@ -167,3 +167,14 @@ def test_vllm_backend_agrees_with_our_eval(run_dir, tmp_path):
         p = v["perplexity"][length]
         assert p["abs_diff"] <= C.PPL_TOL["vllm"] and p["max_row_diff"] <= C.PPL_TOL["vllm"], p
     assert v["passkey"]["160"]["agree"] and v["passkey"]["160"]["trials"] == 6
+
+
+def test_a_nan_row_from_a_backend_is_a_disagreement():
+    # Python's max() keeps its first operand when the other is NaN: a NaN window must not hide.
+    import math
+    from moetrain.eval.harness.compare import compare_perplexity
+    ours = {512: {"kept": 2, "nll_kept": 1.0, "rows": {0: 1.0, 1: 1.0}}}
+    for rows in ({0: 1.0, 1: math.nan}, {0: math.nan, 1: 1.0}):
+        out = compare_perplexity(ours, {512: {"nll": 1.0, "rows": rows}}, 1e-5)[512]
+        assert out["agree"] is False and math.isnan(out["max_row_diff"])
+    assert compare_perplexity(ours, {512: {"nll": 1.0, "rows": {0: 1.0, 1: 1.0}}}, 1e-5)[512]["agree"] is True

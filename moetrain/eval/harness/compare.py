@@ -80,10 +80,13 @@ def compare_perplexity(ours: dict, theirs: dict, tol: float) -> dict:
             continue
         diff = abs(t["nll"] - o["nll_kept"])
         same_rows = set(t["rows"]) == set(o["rows"])
-        row_diff = max(abs(t["rows"][i] - o["rows"][i]) for i in o["rows"]) if same_rows else math.inf
+        diffs = [abs(t["rows"][i] - o["rows"][i]) for i in o["rows"]] if same_rows else [math.inf]
+        # max() keeps whichever operand comes first when one is NaN: a NaN row must not hide
+        row_diff = math.nan if any(math.isnan(x) for x in diffs) else max(diffs, default=0.0)
         out[length] = {"windows": o["kept"], "ours_nll": o["nll_kept"], "harness_nll": t["nll"],
                        "ours_ppl": math.exp(o["nll_kept"]), "harness_ppl": math.exp(t["nll"]),
-                       "abs_diff": diff, "max_row_diff": row_diff, "agree": max(diff, row_diff) <= tol}
+                       "abs_diff": diff, "max_row_diff": row_diff,
+                       "agree": diff <= tol and row_diff <= tol}  # False when either is NaN
     return out
 
 
