@@ -150,12 +150,5 @@ def longest(try_fn, start: int, max_len: int, granule: int):
 
 def cpu_matmul_flops_per_cpu_s(n: int = 1024, reps: int = 4, trials: int = 5) -> float:
     """fp32 matmul FLOPs per CPU-second (all threads' CPU time): the CPU MFU denominator."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(trials):
-        t = time.process_time()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.process_time() - t))
-    return best
+    from moetrain.train.metrics import measure_cpu_peak_flops
+    return measure_cpu_peak_flops(n, reps, trials, clock=time.process_time)

@@ -27,14 +27,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit 2, like the other user errors
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None):
-    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from moetrain.config.mapping import ArgumentParser  # a bad command line is one error: line
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="run dir, checkpoints/<tag>, or HF folder")
     p.add_argument("--out", required=True, help="output folder for eval.json and the plots")
     p.add_argument("--lengths", default=None, help="comma-separated context lengths (default: eval.lengths, "
