@@ -111,7 +111,7 @@ def test_update_rms_matches_moonlight_target(shape):
 
 
 def test_param_groups_route_embeddings_norms_router_head_to_adamw():
-    cfg = load_config("configs/default.yaml")
+    cfg = load_config("configs/default.yaml", ["model.moe.first_k_dense=1"])  # a dense layer 0 too
     model = build_model(cfg.model)
     groups = muon_param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
