@@ -39,7 +39,8 @@ def parse_args(argv=None):
                    "export's source checkpoint, else the export)")
     p.add_argument("--backends", default="hf", help="comma-separated: hf, vllm (default: %(default)s)")
     p.add_argument("--lengths", default=None, help="comma-separated context lengths (default: eval.lengths, else "
-                   "the export's max_position_embeddings)")
+                   "the export's max_position_embeddings; the vLLM backend takes up to max_position_embeddings - 2 "
+                   "and shortens the defaults to that)")
     p.add_argument("--depths", default=None, help="comma-separated key depths in [0, 1] (default: eval.depths)")
     p.add_argument("--trials", type=int, default=None, help="passkey trials per cell (default: eval.passkey_trials)")
     p.add_argument("--windows", type=int, default=32, help="held-out windows per length (default: %(default)s)")
@@ -154,9 +155,7 @@ def run_backend(backend, args, lengths, rows_report, ours) -> dict:
     from moetrain.eval.harness import compare as C
     from moetrain.eval.harness.rows import PASSKEY_TASK, PPL_TASK
     n_rows = {PPL_TASK: rows_report["ppl_rows"], PASSKEY_TASK: rows_report["passkey_rows"]}
-    trained = int(export_info(args.model)[0].get("max_position_embeddings") or 0)
-    req = B.request(backend, args.model, rows_report["tasks_dir"], max(lengths), n_rows, args.batch_size, args.device,
-                    trained)
+    req = B.request(backend, args.model, rows_report["tasks_dir"], max(lengths), n_rows, args.batch_size, args.device)
     result = B.run(backend, req, os.path.abspath(args.out))
     samples = B.as_samples(result)
     ppl = C.compare_perplexity(ours["ppl"], C.harness_perplexity(samples.get(PPL_TASK, [])), C.PPL_TOL[backend])
@@ -191,10 +190,14 @@ def main(argv=None) -> int:
         from moetrain.eval.harness.compare import our_grid_accuracy
         ours_path, data_dir, ecfg, lengths, backends = resolve(args)
         trained = int(export_info(args.model)[0].get("max_position_embeddings") or 0)
+        fit_notes = []
+        if args.lengths is None:  # defaults: shortened for vLLM; explicit lengths are refused below when too long
+            lengths, fit_notes = B.fit_lengths(lengths, backends, trained)
         for b in backends:
             B.check_backend(b, max(lengths), trained)
         os.makedirs(args.out, exist_ok=True)
         windows, kept, cells, tok, rows_report = build_rows(args, data_dir, ecfg, lengths)
+        rows_report["notes"] = fit_notes + rows_report["notes"]
         ours = ours_numbers(ours_path, data_dir, windows, kept, cells, tok, ecfg)
         res = {"model": os.path.abspath(args.model), "data_dir": os.path.abspath(data_dir), "lengths": lengths,
                "settings": {"depths": list(ecfg.depths), "trials": ecfg.passkey_trials, "seed": ecfg.seed,

@@ -14,7 +14,8 @@ from moetrain.eval.harness.utils import passkey_correct
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "eval_harness.py")
 VLLM_VENV = os.environ.get("MOETRAIN_VLLM_VENV") or os.path.join(ROOT, ".venv-vllm")
-# lengths: the trained context (160, the shortest the passkey prompt fits) and a shorter one
+# lengths: 160 (the shortest the passkey prompt fits; the vLLM backend takes rows up to the trained
+# context 168 less its 2 extra positions) and a shorter one
 ARGS = ["--lengths", "64,160", "--depths", "0,1", "--trials", "3", "--windows", "16"]
 
 
@@ -27,11 +28,11 @@ def _script():
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_cfg, tmp_path_factory):
-    """A tiny model trained 20 steps at 160 tokens, exported (fp32) at the end of training. Head
+    """A tiny model trained 20 steps at 168 tokens, exported (fp32) at the end of training. Head
     size 32 (hidden 128 / 4 heads): vLLM's CPU attention has no kernel for 16."""
     from moetrain.compose import train
     run = str(tmp_path_factory.mktemp("harness_run"))
-    train(tiny_cfg(**{"model.hidden_size": 128, "stages": "[{name: main, seq_len: 160, steps: 20}]",
+    train(tiny_cfg(**{"model.hidden_size": 128, "stages": "[{name: main, seq_len: 168, steps: 20}]",
                       # all layers sliding (32): vLLM 0.32 computes a sliding/full mix differently (harness README)
                       "model.attention.layer_types": "[sliding, sliding]",
                       "export.enabled": "true", "export.verify": "false"}), run, resume="never")
@@ -142,7 +143,9 @@ def test_missing_lm_eval_is_one_line(run_dir, tmp_path, monkeypatch, capsys):
     (["--model", "{export}", "--lengths", "6x"], "comma-separated"),
     (["--model", "{export}", "--windows", "0"], "--windows"),
     (["--model", "{export}", "--data-dir", "{tmp}/nope"], "--data-dir"),
-    (["--model", "{export}", "--backends", "vllm", "--lengths", "400"], "max_position_embeddings is 160"),
+    (["--model", "{export}", "--backends", "vllm", "--lengths", "400"], "max_position_embeddings is 168"),
+    # a row of 167 tokens would need positions 168 and 169, past vLLM's RoPE table
+    (["--model", "{export}", "--backends", "vllm", "--lengths", "64,167"], "use --lengths up to 166"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, msg, run_dir, tmp_path, capsys):
     args = [a.format(tmp=tmp_path, export=os.path.join(run_dir, "export")) for a in args]
@@ -167,6 +170,14 @@ def test_vllm_backend_agrees_with_our_eval(run_dir, tmp_path):
         p = v["perplexity"][length]
         assert p["abs_diff"] <= C.PPL_TOL["vllm"] and p["max_row_diff"] <= C.PPL_TOL["vllm"], p
     assert v["passkey"]["160"]["agree"] and v["passkey"]["160"]["trials"] == 6
+
+
+def test_default_lengths_stop_short_of_the_rope_table_for_vllm():
+    from moetrain.eval.harness.backends import fit_lengths
+    assert fit_lengths([128, 512], ["hf"], 512) == ([128, 512], [])
+    lengths, notes = fit_lengths([128, 512], ["hf", "vllm"], 512)
+    assert lengths == [128, 510] and len(notes) == 1 and "512 evaluated at 510" in notes[0]
+    assert fit_lengths([510, 512], ["vllm"], 512)[0] == [510]
 
 
 def test_a_nan_row_from_a_backend_is_a_disagreement():
