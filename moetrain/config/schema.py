@@ -44,7 +44,8 @@ class RopeConfig:
 @dataclass
 class AttentionConfig:
     backend: str = "auto"
-    """auto (Triton on CUDA, memory-lean chunked path on CPU) | sdpa | reference | triton | chunked."""
+    """auto (Triton on CUDA; on CPU banded SDPA for sliding windows, SDPA, or the memory-lean chunked path)
+    | sdpa | reference | triton | chunked | banded (causal sliding window only)."""
     layer_types: list = field(default_factory=lambda: ["full"])
     """Attention kind per layer, repeated cyclically over layers: full | sliding | moba."""
     full_attention_last_n: int = 0

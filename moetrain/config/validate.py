@@ -11,7 +11,7 @@ from moetrain.config.schema import (AttentionConfig, DataConfig, ModelConfig, Ro
 
 
 _CHOICES = {
-    "model.attention.backend": ("auto", "sdpa", "reference", "triton", "chunked"),
+    "model.attention.backend": ("auto", "sdpa", "reference", "triton", "chunked", "banded"),
     "model.loss_impl": ("auto", "chunked", "fused"),
     "model.moe.router": ("softmax", "sigmoid"),
     "data.mode": ("packed", "window"),
