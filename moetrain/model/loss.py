@@ -43,14 +43,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, h_Td.shape[0], chunk):
             h_c, tgt, valid = h_Td[s:s + chunk].float(), labels_T[s:s + chunk], valid_T[s:s + chunk]
             tgt = torch.where(valid, tgt, 0)
+            # One exp pass over the [chunk, V] logits serves the loss and its gradient, in place.
             logits = h_c @ w32.t()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+            logits -= logits.amax(dim=-1, keepdim=True)
+            picked = logits.gather(1, tgt[:, None]).squeeze(1)        # target logit - row max
+            e = logits.exp_()
+            z = e.sum(dim=-1, keepdim=True)
+            total += ((torch.log(z.squeeze(1)) - picked) * valid).sum()  # lse - target logit
             if needs[0] or needs[1]:
                 # d(CE)/d(logits) = softmax - onehot, zero on ignored rows.
-                g = torch.softmax(logits, dim=-1)
-                g.scatter_add_(1, tgt[:, None], -torch.ones_like(lse)[:, None])
-                g *= valid[:, None]
+                g = e.div_(z)
+                g.scatter_add_(1, tgt[:, None], -torch.ones_like(picked)[:, None])
+                if not bool(valid.all()):
+                    g[~valid] = 0.0
                 if needs[0]:
                     grad_h[s:s + chunk] = (g @ w32).to(h_Td.dtype)
                 if needs[1]:
