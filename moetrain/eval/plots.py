@@ -100,7 +100,8 @@ def plot_training_curve(records: list[dict], path: str) -> str:
     ax.set_title("training curve (dashed lines: stage boundaries)")
     ax.grid(alpha=0.3)
     handles = ax.get_legend_handles_labels()[0] + lr_ax.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, fontsize=8, loc="center right")
+    # below the axes: inside, it hid the held-out points and the stage labels
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -125,7 +126,7 @@ def plot_passkey_by_stage(rows: list[dict], path: str) -> str:
     ax.set_ylim(0, 110)
     trials = next((r["trials"] for r in rows if r.get("trials")), "?")
     ax.set_title(f"passkey retrieval after each stage\n({trials} trials per depth, greedy, exact match)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # never over a bar's label
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
