@@ -16,8 +16,8 @@ PROBE = textwrap.dedent("""
     if sys.argv[1] == "keep":
         applied = host_alloc.keep_freed_memory()
     else:  # control: glibc's starting mmap threshold (128 KiB), fixed, so large buffers are always mmapped
-        libc = ctypes.CDLL("libc.so.6")
-        applied = libc.mallopt(host_alloc.M_MMAP_THRESHOLD, 128 * 1024) == 1 and False
+        ctypes.CDLL("libc.so.6").mallopt(host_alloc.M_MMAP_THRESHOLD, 128 * 1024)
+        applied = False
 
     def step():  # 8 buffers of 8 MiB live at once, then freed: a step's logits chunks, MoE buffers
         ys = [torch.empty(2 << 20).fill_(1.0) for _ in range(8)]
