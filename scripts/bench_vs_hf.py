@@ -12,7 +12,10 @@ process under a memory cap, all in one run.
 Variants: `hf` (transformers Mixtral, SDPA, every layer MoE, its default loss over full
 logits); ours `dense` / `sliding` / `moba` (that pattern in every layer) or `cfg` (the
 config's own layer types), each optionally `+mem`: activation checkpointing of every
-block, tiled MoE/MLP (--tile-tokens) and, on CUDA, offload of saved tensors.
+block, tiled MoE/MLP (--tile-tokens), the LM head in blocks of --loss-chunk rows, and
+offload of saved tensors on CUDA / freed memory returned to the OS at once on CPU
+(memory.release_host_memory). Our CPU variants set glibc malloc as the Trainer does;
+transformers runs with glibc's defaults.
 Per point: --warmup untimed steps, then --steps timed ones; tokens/s from the median
 step. Peak memory is the whole process: peak RSS (VmHWM) on CPU, max_memory_allocated
 on CUDA. A point that would not fit the budget (the variant already failed at a shorter
@@ -65,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--budget-gb", type=float, default=20.0, help="memory cap of every point and search try")
     p.add_argument("--max-search-len", type=int, default=1 << 21, help="stop doubling here")
+    p.add_argument("--search-start", default="", help="e.g. sliding+mem=1048576: that variant's first try "
+                   "(default: the longest point the sweep ran)")
     p.add_argument("--search-granule", type=int, default=1024, help="bisection step; stop within 1/8")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
@@ -72,7 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--window", type=int, default=None, help="default 1024 (with --config: its own)")
     p.add_argument("--moba-block", type=int, default=None, help="default 512 (with --config: its own)")
     p.add_argument("--moba-topk", type=int, default=None, help="default 3 (with --config: its own)")
-    p.add_argument("--tile-tokens", type=int, default=8192, help="memory.mlp_tile_tokens of +mem variants")
+    p.add_argument("--tile-tokens", type=int, default=1024, help="memory.mlp_tile_tokens of +mem variants")
+    p.add_argument("--loss-chunk", type=int, default=256, help="model.loss_chunk_size of +mem variants "
+                   "(rows of the LM head's [rows, vocab] block)")
     p.add_argument("--config", default=None, help="take our model shape from this YAML instead of the "
                    "built-in one (d=256, 4 layers, 8 experts top-2 of 512, 8/2 heads, vocab 32k)")
     p.add_argument("--set", action="append", default=[], help="dotted config override (repeatable)")
@@ -90,7 +97,7 @@ def parse_args(argv=None):
                                                zip((a.window, a.moba_block, a.moba_topk), defaults))
     if a.tiny:
         a.seq_lens = "128,256" if a.seq_lens == p.get_default("seq_lens") else a.seq_lens
-        a.tile_tokens, a.search_granule = 64, 64
+        a.tile_tokens, a.search_granule, a.loss_chunk = 64, 64, 64
         a.max_search_len = min(a.max_search_len, 1024)
     return a
 
@@ -117,7 +124,10 @@ def train_config(a, variant: str, device: str):
     if pattern != "cfg" or mem:
         ov += ["model.activation_checkpointing=false", f"memory.checkpoint={'full' if mem else 'none'}",
                f"memory.mlp_tile_tokens={a.tile_tokens if mem else 0}",
-               f"memory.offload={'true' if mem and device == 'cuda' else 'false'}"]
+               f"memory.offload={'true' if mem and device == 'cuda' else 'false'}",
+               f"memory.release_host_memory={'true' if mem and device == 'cpu' else 'false'}"]
+        if mem:
+            ov.append(f"model.loss_chunk_size={a.loss_chunk}")
     ov += list(a.set)
     return load_config(a.config, ov) if a.config else config_from_dict({}, ov)
 
@@ -166,6 +176,9 @@ def run_point(p: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, p["budget_gb"] * GB / total), device)
     torch.manual_seed(0)
     cfg = train_config(a, p["variant"], device.type)
+    if p["variant"] != "hf" and device.type == "cpu":
+        from moetrain.train.host_alloc import apply_host_memory
+        apply_host_memory(cfg)  # as the Trainer does: reuse freed buffers, or release them (+mem)
     model, loss_fn = build_hf(cfg.model, S) if p["variant"] == "hf" else build_ours(cfg)
     model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -265,6 +278,7 @@ def search(a, sweep_res: dict, log, out=None) -> dict:
     """{variant: longest trainable S and its result}, filled into `out` after every try
     (marked partial until the variant's search ends), so a killed run still tells."""
     out = {} if out is None else out
+    first = {k: int(x) for k, _, x in (kv.partition("=") for kv in getattr(a, "search_start", "").split(",") if kv)}
     for v in a.search_variants.split(","):
         split_variant(v)
         done = {S: r for S, r in sweep_res.get(v, []) if r["status"] == "ok"}
@@ -285,7 +299,7 @@ def search(a, sweep_res: dict, log, out=None) -> dict:
             else:
                 tried.append(S)
             return results[S]["status"] == "ok"
-        start = max(done) if done else min(int(s) for s in a.seq_lens.split(","))
+        start = first.get(v) or (max(done) if done else min(int(s) for s in a.seq_lens.split(",")))
         lo, hi, _ = longest(try_fn, start, a.max_search_len, a.search_granule)
         out[v] = summary(lo, hi, hi is None, False)
         log(f"{v:>12} longest {lo} (first failure {hi})")
@@ -493,7 +507,8 @@ def report(a, peak: float, res: dict, found: dict, elapsed=None) -> list[str]:
              f"step(s) per point, budget {a.budget_gb:g} GB per point" + (f", {elapsed:.0f} s in all" if elapsed else ""),
              f"shape: d={m.hidden_size} L={m.n_layers} E={m.moe.n_experts} top-{m.moe.top_k} F={m.moe.intermediate_size} "
              f"H={m.n_heads}/{m.n_kv_heads} V={m.vocab_size}; window {at.window}, moba {at.moba_topk}x{at.block_size}, "
-             f"+mem = checkpoint full + MoE tiles of {a.tile_tokens}{' + offload' if not cpu else ''}",
+             f"+mem = checkpoint full + MoE tiles of {a.tile_tokens} + LM head blocks of "
+             f"{getattr(a, 'loss_chunk', 1024)} rows{' + offload' if not cpu else ' + release_host_memory'}",
              f"MFU peak: {peak / 1e12:.3f} TFLOP/s" + (" per CPU-second (fp32 1024^3 matmul); MFU from tok/cpu-s"
                                                       if cpu else " (bf16 spec sheet)")]
     lines += points_table(res, peak, "tok_cpu_s" if cpu else "tok_s")

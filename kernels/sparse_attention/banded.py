@@ -1,23 +1,24 @@
-"""Sliding-window attention (+ sinks, + documents) on the CPU as one batched SDPA call.
+"""Sliding-window attention (+ sinks, + documents) on the CPU through torch's flash attention.
 
 The chunked kernel (chunked.py) walks query chunks and key pieces in Python with an
 online softmax: memory-lean, but each piece is a handful of small torch ops. For the
-causal sliding window the visible keys of a query chunk lie in a fixed band, so the whole
-sequence can instead go through torch's fused SDPA (flash attention on the CPU, with its
-own backward) in one call:
+causal sliding window the visible keys of a query chunk lie in a fixed band, so many
+chunks can go through torch's CPU flash attention (and its backward) in one call:
 
 - queries are cut into chunks of C tokens (C >= window - 1);
 - chunk i attends to the `n_prev` chunks before it and itself ((n_prev + 1) * C keys,
-  built from shifted views of k/v), plus the sink keys in front;
-- one boolean mask [C, n_sink + (n_prev + 1) * C] serves every chunk past the start; the
+  built from shifted slices of k/v), plus the sink keys in front;
+- one additive mask [C, n_sink + (n_prev + 1) * C] serves every chunk past the start; the
   first chunks (zero padding in front of the sequence, sinks that are also inside the
-  window and must not count twice) get their own per-chunk masks in a second call.
+  window and must not count twice) get their own per-chunk masks in a call of their own;
+- the rest go in slabs of _SLAB_TOKENS query rows, one flash call each. Autograd keeps
+  only q, k, v, the output and its logsumexp; the backward rebuilds each slab's band and
+  folds the band gradients back onto k and v. Extra memory is one slab's band, at any length.
 
 Documents (cu_seqlens) are split off and run one by one (sinks and windows restart at each
-document). Cost: about (n_prev + 1) * C / window key columns per visible one (1.5 for
-window 1024), against S / window for dense causal; extra memory: n_prev + 1 copies of k/v,
-which autograd keeps for the backward (the chunked kernel keeps none: it stays the path for
-the longest sequences and for MoBA).
+document). Cost: about (n_prev + 1) * C / window key columns per visible one (1.25 for
+window 1024), against S / window for dense causal. MoBA and bidirectional layers keep the
+chunked kernel.
 
 Same contract as `reference.sparse_attention` for the modes it takes (causal, no MoBA):
 `supports` says which.
@@ -31,8 +32,9 @@ import torch.nn.functional as F
 
 from .common import AttnSpec, check_args
 
-_CHUNK = 512  # query rows per chunk when the window allows (C = max(window - 1, ...) otherwise)
+_CHUNK = 256  # query rows per chunk when the window allows (C = max(window - 1, ...) otherwise)
 _MIN_CHUNK = 64
+_SLAB_TOKENS = 16384  # query rows per flash call: bounds the band copies and the masks
 
 
 def supports(causal=True, window=None, sink_tokens=0, moba_topk=None, **_) -> bool:
@@ -56,47 +58,135 @@ def _visible(qpos, kpos, window: int, sinks: int, is_sink: torch.Tensor) -> torc
     return torch.where(is_sink, causal & ~in_window, causal & in_window & (kpos >= 0))
 
 
+def _rows(t, a: int, b: int):
+    """t[:, :, a:b] with zero rows where [a, b) runs outside [0, S)."""
+    S = t.shape[2]
+    part = t[:, :, max(a, 0):min(b, S)]
+    front, back = max(0, -a), max(0, b - S)
+    return F.pad(part, (0, 0, front, back)) if front or back else part
+
+
+class _Band:
+    """Geometry of one document: chunks of C query rows; chunk i sees the n_prev chunks
+    before it and itself, plus the s sink keys in front ([sinks | band] = K key slots)."""
+
+    def __init__(self, S: int, window: int, sinks: int, device, dtype):
+        self.S, self.window = S, window
+        self.C = C = _chunk(window)
+        self.n_prev = -(-(window - 1) // C)
+        self.N = -(-S // C)
+        self.s = min(sinks, S)
+        self.K = self.s + (self.n_prev + 1) * C
+        # Chunks from `first` on share one relative mask (no front padding, sinks outside the window).
+        self.first = min(self.N, max(self.n_prev, -(-(self.s + window) // C)))
+        self.slab = max(1, _SLAB_TOKENS // C)
+        self.device, self.dtype = device, dtype
+
+    def slabs(self):
+        """[lo, hi) chunk ranges: the first chunks (own masks) apart, then slabs of the rest."""
+        if self.first:
+            yield 0, self.first
+        for lo in range(self.first, self.N, self.slab):
+            yield lo, min(self.N, lo + self.slab)
+
+    def mask(self, lo: int, hi: int, B: int):
+        """Additive float mask for chunks [lo, hi) of B rows: [B*n, 1, C, K] before `first`, else one [C, K]."""
+        C, dev = self.C, self.device
+        i = torch.arange(lo if lo < self.first else self.first, hi if lo < self.first else self.first + 1,
+                         device=dev)[:, None, None]
+        qpos = i * C + torch.arange(C, device=dev)[None, :, None]                      # [n, C, 1]
+        slot = torch.arange(self.K, device=dev)[None, None, :]
+        is_sink = slot < self.s
+        kpos = torch.where(is_sink, slot, (i - self.n_prev) * C + slot - self.s)         # [n, 1, K]
+        seen = _visible(qpos, kpos, self.window, self.s, is_sink)
+        m = torch.zeros(seen.shape, dtype=self.dtype, device=dev).masked_fill_(~seen, float("-inf"))
+        return m[None].expand(B, -1, -1, -1).flatten(0, 1)[:, None] if lo < self.first else m[0]
+
+    def queries(self, t, lo: int, hi: int):
+        """Rows of chunks [lo, hi) of t [B, H, S, D] as [B*n, H, C, D] (a copy)."""
+        C = self.C
+        return _rows(t, lo * C, hi * C).unflatten(2, (hi - lo, C)).transpose(1, 2).flatten(0, 1).contiguous()
+
+    def keys(self, t, lo: int, hi: int):
+        """Keys of chunks [lo, hi): [sinks | n_prev + 1 chunks] of t [B, H, S, D] -> [B*n, H, K, D]."""
+        C, n, p = self.C, hi - lo, self.n_prev
+        tp = _rows(t, (lo - p) * C, hi * C).unflatten(2, (n + p, C))                  # [B, H, n + p, C, D]
+        kb = torch.cat([tp[:, :, j:j + n] for j in range(p + 1)], dim=3)               # [B, H, n, (p+1)C, D]
+        if self.s:
+            kb = torch.cat([t[:, :, None, :self.s].expand(-1, -1, n, -1, -1), kb], dim=3)
+        return kb.transpose(1, 2).flatten(0, 1).contiguous()
+
+    def fold_keys(self, g_band, acc, sink_acc, lo: int, hi: int):
+        """Add the gradient of keys(t, lo, hi) [B*n, H, K, D] into acc [B, H, (N + n_prev) C, D]
+        (rows shifted by n_prev chunks) and sink_acc [B, H, s, D]."""
+        C, n, p, B = self.C, hi - lo, self.n_prev, acc.shape[0]
+        g = g_band.unflatten(0, (B, n)).transpose(1, 2)                                 # [B, H, n, K, D]
+        if self.s:
+            sink_acc += g[:, :, :, :self.s].sum(2)
+        g = g[:, :, :, self.s:].unflatten(3, (p + 1, C))                                 # [B, H, n, p+1, C, D]
+        acc_c = acc.unflatten(2, (self.N + p, C))
+        for j in range(p + 1):
+            acc_c[:, :, lo + j:hi + j] += g[:, :, :, j]
+
+
+class _BandedAttention(torch.autograd.Function):
+    """One document through CPU flash attention, slab by slab: saves q, k, v, the output
+    and its logsumexp (no band copies); the backward rebuilds each slab's band."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window: int, sinks: int, scale: float):
+        B, Hq, S, D = q.shape
+        g = _Band(S, window, sinks, q.device, q.dtype)
+        # [B, S, Hq, D] memory, returned as a [B, Hq, S, D] view: the caller's transpose back for
+        # o_proj is then free, and o_proj saves this same storage rather than a copy of it.
+        out = q.new_empty(B, g.N * g.C, Hq, D)
+        lse = None
+        for lo, hi in g.slabs():
+            o, l = _flash(g.queries(q, lo, hi), g.keys(k, lo, hi), g.keys(v, lo, hi), g.mask(lo, hi, B), scale)
+            out.unflatten(1, (g.N, g.C))[:, lo:hi] = o.unflatten(0, (B, hi - lo)).permute(0, 1, 3, 2, 4)
+            if lse is None:
+                lse = l.new_empty(B, g.N, Hq, g.C)
+            lse[:, lo:hi] = l.unflatten(0, (B, hi - lo))
+        out = out[:, :S].transpose(1, 2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.band, ctx.scale = g, scale
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        g, scale = ctx.band, ctx.scale
+        B, Hq, S, D = q.shape
+        Hkv, C, p = k.shape[1], g.C, g.n_prev
+        dq = q.new_empty(B, Hq, g.N * C, D)
+        dk, dv = (k.new_zeros(B, Hkv, (g.N + p) * C, D) for _ in range(2))
+        dks, dvs = (k.new_zeros(B, Hkv, g.s, D) for _ in range(2))
+        for lo, hi in g.slabs():
+            n = hi - lo
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g.queries(dout, lo, hi), g.queries(q, lo, hi), g.keys(k, lo, hi), g.keys(v, lo, hi),
+                g.queries(out, lo, hi), lse[:, lo:hi].flatten(0, 1), 0.0, False,
+                attn_mask=g.mask(lo, hi, B), scale=scale)
+            dq.unflatten(2, (g.N, C))[:, :, lo:hi] = gq.unflatten(0, (B, n)).transpose(1, 2)
+            g.fold_keys(gk, dk, dks, lo, hi)
+            g.fold_keys(gv, dv, dvs, lo, hi)
+        dk, dv = dk[:, :, p * C:p * C + S], dv[:, :, p * C:p * C + S]
+        if g.s:
+            dk[:, :, :g.s] += dks
+            dv[:, :, :g.s] += dvs
+        return dq[:, :, :S], dk, dv, None, None, None
+
+
+def _flash(q, k, v, mask, scale):
+    """torch's CPU flash attention (GQA native): output and its logsumexp."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                      scale=scale)
+
+
 def _one_document(q, k, v, window: int, sinks: int, scale: float):
     """Banded attention over one document [B, H, S, D] (no cu_seqlens)."""
-    B, Hq, S, D = q.shape
-    Hkv = k.shape[1]
-    C = _chunk(window)
-    n_prev = -(-(window - 1) // C)
-    N = -(-S // C)
-    pad_end = N * C - S
-    s = min(sinks, S)
-    # keys of chunk i: the n_prev chunks before it and itself, from shifted views of the padded k/v
-    def banded(t):
-        tp = F.pad(t, (0, 0, n_prev * C, pad_end)).unflatten(2, (N + n_prev, C))  # [B, H, N + n_prev, C, D]
-        kb = torch.cat([tp[:, :, j:j + N] for j in range(n_prev + 1)], dim=3)      # [B, H, N, (n_prev+1)C, D]
-        if s:
-            kb = torch.cat([t[:, :, None, :s].expand(-1, -1, N, -1, -1), kb], dim=3)
-        return kb.transpose(1, 2).flatten(0, 1)                                      # [B*N, H, K, D]
-    kb, vb = banded(k), banded(v)
-    qb = F.pad(q, (0, 0, 0, pad_end)).unflatten(2, (N, C)).transpose(1, 2).flatten(0, 1)  # [B*N, Hq, C, D]
-    K = kb.shape[2]
-    dev = q.device
-    i = torch.arange(N, device=dev)[:, None, None]
-    qpos = i * C + torch.arange(C, device=dev)[None, :, None]                        # [N, C, 1]
-    slot = torch.arange(K, device=dev)[None, None, :]
-    is_sink = slot < s
-    kpos = torch.where(is_sink, slot, (i - n_prev) * C + slot - s)                   # [N, 1, K]
-    # Chunks from `first` on have the same relative mask (no front padding, sinks outside the window).
-    first = min(N, max(n_prev, -(-(s + window) // C)))
-    gqa = Hq != Hkv
-
-    def attend(lo: int, hi: int, mask):  # chunks [lo, hi) of every batch row (views when B == 1)
-        part = [t.unflatten(0, (B, N))[:, lo:hi].flatten(0, 1).contiguous() for t in (qb, kb, vb)]
-        return F.scaled_dot_product_attention(*part, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-    outs = []
-    if first:
-        m = _visible(qpos[:first], kpos[:first], window, s, is_sink)                 # [first, C, K]
-        outs.append(attend(0, first, m[None].expand(B, -1, -1, -1).flatten(0, 1)[:, None]))
-    if first < N:  # one [C, K] mask (chunk `first`'s) for all the rest
-        outs.append(attend(first, N, _visible(qpos[first], kpos[first], window, s, is_sink[0])))
-    ob = torch.cat([o.unflatten(0, (B, -1)) for o in outs], dim=1)                    # [B, N, Hq, C, D]
-    return ob.transpose(1, 2).flatten(2, 3)[:, :, :S]
+    return _BandedAttention.apply(q, k, v, window, sinks, scale)
 
 
 def sparse_attention(q, k, v, *, causal=True, window=None, sink_tokens=0, block_size=64,

@@ -20,9 +20,6 @@ from moetrain.model.rope import apply_rotary
 _BACKENDS: dict[str, Callable] = {}
 # Dense masks cost S*S; beyond this the CPU path switches to the banded or chunked kernel.
 _SDPA_MASK_MAX_SEQ = 4096
-# The banded path keeps ~3 copies of k/v per layer for the backward; past this the chunked kernel
-# (which keeps none) takes over.
-_BANDED_MAX_SEQ = 1 << 18
 
 
 def register_backend(name: str):
@@ -111,14 +108,14 @@ def banded_attention(q, k, v, **kw):
 @register_backend("auto")
 def auto_attention(q, k, v, **kw):
     """Triton on CUDA. On CPU: the causal sliding window through torch SDPA band by band
-    (`banded`) once the sequence is over twice the window (up to _BANDED_MAX_SEQ); else
+    (`banded`) once the sequence is over twice the window; else
     torch SDPA (dense mask when needed) up to _SDPA_MASK_MAX_SEQ tokens, where it is
     several times faster than the chunked kernel; beyond it the memory-lean chunked kernel
     (never an S x S matrix)."""
     if q.is_cuda:
         return triton_attention(q, k, v, **kw)
     from moetrain.kernels.sparse_attention.banded import supports
-    if supports(**kw) and 2 * kw["window"] < q.shape[2] <= _BANDED_MAX_SEQ:
+    if supports(**kw) and 2 * kw["window"] < q.shape[2]:
         return banded_attention(q, k, v, **kw)
     sparse = _is_sparse(kw.get("window"), kw.get("sink_tokens", 0), kw.get("moba_topk"))
     if q.shape[2] <= _SDPA_MASK_MAX_SEQ or (not sparse and kw.get("cu_seqlens") is None):

@@ -1,6 +1,40 @@
-"""RMSNorm, computed in fp32 like transformers' Llama/Mixtral/Qwen norms."""
+"""RMSNorm, computed in fp32 like transformers' Llama/Mixtral/Qwen norms.
+
+The forward is the same expression as theirs (so exported logits match to the bit); the
+backward is written out so that autograd keeps only the input and the per-row 1/rms, not
+the fp32 normalised copy that the plain graph saves: one [tokens, d] tensor less per norm
+for the backward, which is what long sequences run out of (every block has two norms).
+"""
 import torch
 import torch.nn as nn
+
+
+def _normalized(x, eps: float):
+    h = x.float()
+    rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h * rstd, rstd
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        n, rstd = _normalized(x, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * n.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw = (gy * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gn = (gy * weight).float()  # d/d(normalised)
+            gx = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
+        return gx, gw, None
 
 
 class RMSNorm(nn.Module):
@@ -10,7 +44,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return self.weight * _normalized(x, self.eps)[0].to(x.dtype)

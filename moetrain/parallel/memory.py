@@ -131,11 +131,6 @@ def apply_memory(model: nn.Module, cfg) -> None:
 
 
 def apply_checkpointing(model: nn.Module, mode: str = "full", every: int = 1) -> None:
-    for m in checkpoint_targets(model, mode, every):
-        _swap_class(m, _Checkpointed)
-
-
-def apply_checkpointing(model: nn.Module, mode: str = "full", every: int = 1) -> None:
     """Recompute the modules checkpoint_targets names in backward (training only)."""
     for m in checkpoint_targets(model, mode, every):
         _swap_class(m, _Checkpointed)

@@ -73,8 +73,8 @@ class Trainer:
         self.cfg, self.run_dir = resolve_config(cfg), run_dir
         self.device = device_for(local)
         if self.device.type == "cpu":
-            from moetrain.train.host_alloc import keep_freed_memory
-            keep_freed_memory()  # ~10% faster CPU steps: no page faults on re-allocated buffers
+            from moetrain.train.host_alloc import apply_host_memory
+            apply_host_memory(self.cfg)  # reuse freed buffers (~10% faster steps) or release them (less RSS)
         # Stable sort: descending priority, equal priorities in the order given.
         self.callbacks = sorted([*callbacks, MetricsCollector()], key=lambda c: -c.priority)
         self.resumed_from = ckpt.prepare_run_dir(run_dir, resume, overwrite, self.rank)

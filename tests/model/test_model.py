@@ -151,3 +151,33 @@ def test_dense_layers_and_param_counts():
     c = m.param_counts()
     expert = sum(p.numel() for layer in m.layers[1:] for p in layer.mlp.experts.parameters())
     assert c["total"] - c["active"] == expert // 2  # top-2 of 4 experts active
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rmsnorm_backward_equals_autograd_and_saves_no_normalised_copy(dtype):
+    """RMSNorm's written-out backward: output bit-equal, gradients equal to autograd through
+    the plain expression; what it keeps for backward is x, the weight and 1/rms per row."""
+    from moetrain.model.norm import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(19, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(19, generator=g))
+    x = torch.randn(3, 7, 19, generator=g).to(dtype).requires_grad_()
+    gy = torch.randn(3, 7, 19, generator=g).to(dtype)
+
+    def plain(x, w):
+        h = x.float()
+        return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = norm(x)
+    gx, gw = torch.autograd.grad(y, (x, norm.weight), gy)
+    y0 = plain(x, norm.weight)
+    gx0, gw0 = torch.autograd.grad(y0, (x, norm.weight), gy)
+    assert torch.equal(y, y0) and gx.dtype == dtype and gw.dtype == dtype
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, gx0, **tol)
+    torch.testing.assert_close(gw, gw0, **tol)
+    assert sorted(saved) == [19, 3 * 7, 3 * 7 * 19]  # weight, 1/rms per row, x
+    with torch.no_grad():
+        assert torch.equal(norm(x), y0)

@@ -15,9 +15,14 @@ PROBE = textwrap.dedent("""
     from moetrain.train import host_alloc
     if sys.argv[1] == "keep":
         applied = host_alloc.keep_freed_memory()
+    elif sys.argv[1] == "release":
+        applied = host_alloc.release_freed_memory()
     else:  # control: glibc's starting mmap threshold (128 KiB), fixed, so large buffers are always mmapped
         ctypes.CDLL("libc.so.6").mallopt(host_alloc.M_MMAP_THRESHOLD, 128 * 1024)
         applied = False
+
+    rss = lambda: int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmRSS:")))
+    base = rss()
 
     def step():  # 8 buffers of 8 MiB live at once, then freed: a step's logits chunks, MoE buffers
         ys = [torch.empty(2 << 20).fill_(1.0) for _ in range(8)]
@@ -27,26 +32,50 @@ PROBE = textwrap.dedent("""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(20):
         step()
-    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    print(applied, faults, rss() - base)  # KiB still resident after the last free
+
 """)
 
 
 def _faults(mode: str, env=None):
     out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, check=True, capture_output=True, text=True,
                          env={**os.environ, **(env or {})}).stdout.split()
-    return out[0] == "True", int(out[1])
+    return out[0] == "True", int(out[1]), int(out[2])
 
 
 def test_settings_stop_page_faults_on_reallocated_buffers():
     # glibc's own behaviour varies from run to run (its thresholds adapt to the allocation
     # history): anywhere between the control below and none. The control pins the bad case:
     # every 8 MiB buffer a fresh mmap, faulted in page by page (2048 faults each, every step).
-    applied, kept = _faults("keep")
-    _, mmapped = _faults("mmap")
+    applied, kept, _ = _faults("keep")
+    _, mmapped, _ = _faults("mmap")
     assert applied
     assert mmapped >= 20 * 8 * 2000 and kept < 2048, (kept, mmapped)
 
 
 def test_user_settings_are_left_alone():
-    applied, _ = _faults("keep", {"MALLOC_TRIM_THRESHOLD_": "1000000"})
+    applied, _, _ = _faults("keep", {"MALLOC_TRIM_THRESHOLD_": "1000000"})
     assert not applied
+    applied, _, _ = _faults("release", {"MALLOC_MMAP_THRESHOLD_": "1000000"})
+    assert not applied
+
+
+def test_release_returns_freed_blocks():
+    """memory.release_host_memory: every large block is its own mmap, returned when freed
+    (the RSS drops back), where the reuse setting keeps 64 MiB of freed buffers resident."""
+    applied, faults, kept_kib = _faults("release")
+    _, _, reuse_kib = _faults("keep")
+    assert applied
+    assert faults >= 20 * 8 * 2000, faults        # the price: each 8 MiB buffer faulted in anew
+    assert kept_kib < 8 * 1024 and reuse_kib >= 60 * 1024, (kept_kib, reuse_kib)
+
+
+def test_trainer_setting_follows_config(monkeypatch):
+    from moetrain.config import config_from_dict
+    from moetrain.train import host_alloc
+    calls = []
+    monkeypatch.setattr(host_alloc, "_set", lambda m, t: calls.append((m, t)) or True)
+    host_alloc.apply_host_memory(config_from_dict({}, ["memory.release_host_memory=true"]))
+    host_alloc.apply_host_memory(config_from_dict({}, []))
+    assert calls == [(128 * 1024, 128 * 1024), (host_alloc.MMAP_THRESHOLD_MAX, 2 ** 31 - 1)]
