@@ -46,7 +46,8 @@ if [[ $MODE == gpu ]]; then
     ATTN=(--seq-lens 16384,32768,65536,131072 --head-dim 128 --modes causal,window,moba --no-flex)
     SMOKE=(--config "$CONFIG" --set "model.n_layers=$LAYERS" --seq-lens 4096,16384 --steps 3)
     SEARCH=(--config "$CONFIG" --set "model.n_layers=$LAYERS" --seq-lens 524288 --budget-gb 200
-            --max-search-len 2097152 --search-granule 262144 --point-timeout 120)
+            --max-search-len 2097152 --search-granule 262144 --point-timeout 120
+            --tile-tokens 8192 --loss-chunk 1024)  # GPU-sized tiles (the CPU defaults are 1024 / 256)
     LIMITS=(140 110 90 230)
 else
     echo "cpu (reduced shapes)" > "$OUT/gpu.txt"
