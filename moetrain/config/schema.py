@@ -321,7 +321,8 @@ class MemoryConfig:
     release_host_memory: bool = False
     """CPU runs: glibc returns every freed block of 128 KiB or more to the OS at once,
     so the peak RSS is what is live (no heap fragmentation), at the cost of page faults
-    (steps ~25% slower at 16k tokens). Off: freed blocks stay for reuse (faster).
+    (steps ~25% slower at 16k tokens; at 1M tokens system time matched user time, so
+    leave it off for very long sequences). Off: freed blocks stay for reuse (faster).
     MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment take precedence."""
 
 
