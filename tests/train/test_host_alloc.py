@@ -51,7 +51,9 @@ def test_settings_stop_page_faults_on_reallocated_buffers():
     applied, kept, _ = _faults("keep")
     _, mmapped, _ = _faults("mmap")
     assert applied
-    assert mmapped >= 20 * 8 * 2000 and kept < 2048, (kept, mmapped)
+    # kept: at most a buffer or two faulted in again (CI once saw exactly one, 2048), against
+    # every buffer of every step in the control
+    assert mmapped >= 20 * 8 * 2000 and kept <= 2 * 2048, (kept, mmapped)
 
 
 def test_user_settings_are_left_alone():
