@@ -14,7 +14,7 @@ logits); ours `dense` / `sliding` / `moba` (that pattern in every layer) or `cfg
 config's own layer types), each optionally `+mem`: activation checkpointing of every
 block, tiled MoE/MLP (--tile-tokens), the LM head in blocks of --loss-chunk rows, and
 offload of saved tensors on CUDA / freed memory returned to the OS at once on CPU
-(memory.release_host_memory). Our CPU variants set glibc malloc as the Trainer does;
+(memory.release_host_memory, with transparent huge pages for blocks of 2 MiB and more). Our CPU variants set glibc malloc as the Trainer does;
 transformers runs with glibc's defaults.
 Per point: --warmup untimed steps, then --steps timed ones; tokens/s from the median
 step. Peak memory is the whole process: peak RSS (VmHWM) on CPU, max_memory_allocated
@@ -168,17 +168,18 @@ def build_ours(cfg):
 def run_point(p: dict) -> dict:
     """One point: build, warm up, time; called in a fresh process (`--point`)."""
     from moetrain.benchmark import proc_status, timed
+    from moetrain.train.host_alloc import huge_pages_in_use
     a = argparse.Namespace(**p["args"])
+    cfg = train_config(a, p["variant"], p["device"])
+    if p["variant"] != "hf" and p["device"] == "cpu":  # as the Trainer does, before the first tensor:
+        from moetrain.train.host_alloc import apply_host_memory
+        apply_host_memory(cfg)  # reuse freed buffers, or release them (+mem, with huge pages)
     device, S = torch.device(p["device"]), p["S"]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, p["budget_gb"] * GB / total), device)
     torch.manual_seed(0)
-    cfg = train_config(a, p["variant"], device.type)
-    if p["variant"] != "hf" and device.type == "cpu":
-        from moetrain.train.host_alloc import apply_host_memory
-        apply_host_memory(cfg)  # as the Trainer does: reuse freed buffers, or release them (+mem)
     model, loss_fn = build_hf(cfg.model, S) if p["variant"] == "hf" else build_ours(cfg)
     model.to(device=device, dtype=dtype).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -204,7 +205,8 @@ def run_point(p: dict) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else proc_status("VmHWM")
     return {"status": "ok", "tok_s": a.batch * S / times[len(times) // 2], "step_s": times,
             "tok_cpu_s": a.batch * S / cpu[len(cpu) // 2], "peak_gb": peak / GB,
-            "flops_per_token": flops_per_token(cfg.model, S)}
+            "flops_per_token": flops_per_token(cfg.model, S),
+            **({"huge_pages": huge_pages_in_use()} if device.type == "cpu" else {})}
 
 
 # ----------------------------------------------------------------------------- one point under the cap
@@ -508,7 +510,7 @@ def report(a, peak: float, res: dict, found: dict, elapsed=None) -> list[str]:
              f"shape: d={m.hidden_size} L={m.n_layers} E={m.moe.n_experts} top-{m.moe.top_k} F={m.moe.intermediate_size} "
              f"H={m.n_heads}/{m.n_kv_heads} V={m.vocab_size}; window {at.window}, moba {at.moba_topk}x{at.block_size}, "
              f"+mem = checkpoint full + MoE tiles of {a.tile_tokens} + LM head blocks of "
-             f"{getattr(a, 'loss_chunk', 1024)} rows{' + offload' if not cpu else ' + release_host_memory'}",
+             f"{getattr(a, 'loss_chunk', 1024)} rows{' + offload' if not cpu else ' + release_host_memory (huge pages)'}",
              f"MFU peak: {peak / 1e12:.3f} TFLOP/s" + (" per CPU-second (fp32 1024^3 matmul); MFU from tok/cpu-s"
                                                       if cpu else " (bf16 spec sheet)")]
     lines += points_table(res, peak, "tok_cpu_s" if cpu else "tok_s")

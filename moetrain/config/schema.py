@@ -320,10 +320,11 @@ class MemoryConfig:
     (routing and balancing losses still see every token); 0 = off."""
     release_host_memory: bool = False
     """CPU runs: glibc returns every freed block of 128 KiB or more to the OS at once,
-    so the peak RSS is what is live (no heap fragmentation), at the cost of page faults
-    (steps ~25% slower at 16k tokens; at 1M tokens system time matched user time, so
-    leave it off for very long sequences). Off: freed blocks stay for reuse (faster).
-    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment take precedence."""
+    so the peak RSS is what is live (no heap fragmentation), at the cost of page faults,
+    which transparent huge pages for blocks of 2 MiB and more (torch's THP_MEM_ALLOC_ENABLE,
+    set with it) make cheaper. Off: freed blocks stay for reuse (faster, higher peak).
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / THP_MEM_ALLOC_ENABLE in the
+    environment take precedence."""
 
 
 @dataclass

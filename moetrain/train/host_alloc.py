@@ -20,6 +20,12 @@ always fit the next request: at 16k tokens on the issue-13 shape that fragmentat
 peak RSS from 1.15 to 1.76 GB. With the thresholds fixed every block of 128 KiB and more
 is its own mmap, returned when freed: the peak RSS is what is live, paid for with page
 faults (about a quarter slower steps there).
+
+With it, torch's CPU allocator is also asked for transparent huge pages
+(`huge_pages_for_large_blocks`, torch's THP_MEM_ALLOC_ENABLE): blocks of 2 MiB and more are
+2 MiB-aligned and madvise(MADV_HUGEPAGE)d, so a fresh block faults in 2 MiB at a time
+instead of 4 KiB. One step of 131072 tokens on the issue-13 shape: 53.8M -> 11.9M minor
+faults, 154 -> 92 s of system time, 270 -> 324 tokens per CPU-second, the same peak RSS.
 """
 from __future__ import annotations
 
@@ -65,6 +71,44 @@ def release_freed_memory() -> bool:
     return _set(RELEASE_THRESHOLD, RELEASE_THRESHOLD)
 
 
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"  # read by torch (c10 alloc_cpu) once, at its first CPU allocation
+
+
+def huge_pages_for_large_blocks() -> bool:
+    """Ask torch's CPU allocator for transparent huge pages on blocks of 2 MiB and more.
+
+    torch reads the variable at its first CPU allocation, so call this before any tensor
+    exists (the Trainer does, first thing); a value the user set is left alone. True when
+    it is (or will be) on; `huge_pages_in_use()` tells whether it took effect."""
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
+    return os.environ[HUGE_PAGES_ENV] == "1"
+
+
+def huge_pages_in_use() -> bool:
+    """Whether a fresh 4 MiB tensor's mapping carries MADV_HUGEPAGE ('hg' in its VmFlags)."""
+    import torch
+    t = torch.empty(1 << 20)  # 4 MiB: above torch's 2 MiB huge-page threshold
+    addr, flags, inside = t.data_ptr(), "", False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 1)[0]
+                if "-" in head and not head.endswith(":"):  # a mapping's first line: start-end perms ...
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= addr < hi
+                elif inside and head == "VmFlags:":
+                    flags = line
+                    break
+    except OSError:
+        return False
+    return " hg" in flags
+
+
 def apply_host_memory(cfg) -> bool:
-    """The setting a CPU run of cfg uses: release with memory.release_host_memory, else keep."""
-    return release_freed_memory() if cfg.memory.release_host_memory else keep_freed_memory()
+    """The setting a CPU run of cfg uses: release with memory.release_host_memory (plus huge
+    pages for large blocks, so that what is released faults back in cheaply), else keep.
+    Call it before the run creates its first tensor."""
+    if cfg.memory.release_host_memory:
+        huge_pages_for_large_blocks()
+        return release_freed_memory()
+    return keep_freed_memory()

@@ -78,6 +78,33 @@ def test_trainer_setting_follows_config(monkeypatch):
     from moetrain.train import host_alloc
     calls = []
     monkeypatch.setattr(host_alloc, "_set", lambda m, t: calls.append((m, t)) or True)
-    host_alloc.apply_host_memory(config_from_dict({}, ["memory.release_host_memory=true"]))
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != host_alloc.HUGE_PAGES_ENV})
     host_alloc.apply_host_memory(config_from_dict({}, []))
-    assert calls == [(128 * 1024, 128 * 1024), (host_alloc.MMAP_THRESHOLD_MAX, 2 ** 31 - 1)]
+    assert host_alloc.HUGE_PAGES_ENV not in os.environ
+    host_alloc.apply_host_memory(config_from_dict({}, ["memory.release_host_memory=true"]))
+    assert calls == [(host_alloc.MMAP_THRESHOLD_MAX, 2 ** 31 - 1), (128 * 1024, 128 * 1024)]
+    assert os.environ[host_alloc.HUGE_PAGES_ENV] == "1"
+
+
+HUGE = textwrap.dedent("""
+    import sys
+    from moetrain.config import config_from_dict
+    from moetrain.train import host_alloc
+    host_alloc.apply_host_memory(config_from_dict({}, [f"memory.release_host_memory={sys.argv[1]}"]))
+    print(host_alloc.huge_pages_in_use())
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel/mm/transparent_hugepage"),
+                    reason="kernel built without transparent huge pages")
+@pytest.mark.parametrize("release,env,expect", [("true", None, "True"), ("false", None, "False"),
+                                                ("true", "0", "False")])
+def test_release_asks_for_huge_pages_before_the_first_tensor(release, env, expect):
+    """With release_host_memory, large blocks carry MADV_HUGEPAGE (2 MiB faults instead of
+    4 KiB ones); without it nothing changes, and a THP_MEM_ALLOC_ENABLE the user set wins."""
+    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env is not None:
+        e["THP_MEM_ALLOC_ENABLE"] = env
+    out = subprocess.run([sys.executable, "-c", HUGE, release], cwd=ROOT, check=True, capture_output=True,
+                         text=True, env=e).stdout.split()
+    assert out[-1] == expect, out
