@@ -34,7 +34,11 @@ from .common import AttnSpec, check_args
 
 _CHUNK = 256  # query rows per chunk when the window allows (C = max(window - 1, ...) otherwise)
 _MIN_CHUNK = 64
-_SLAB_TOKENS = 16384  # query rows per flash call: bounds the band copies and the masks
+# Query rows per flash call: bounds the band copies, and the backward's transient memory
+# (the op's gradient of the band, GQA-expanded, is about 5x the slab's keys). One layer of
+# the issue-13 shape at 16k tokens, backward: 212 MiB extra at 16384 rows, 114 at 4096, 74 at
+# 1024, the same time (1 thread: fwd 0.47 s, bwd 1.1-1.2 s for each).
+_SLAB_TOKENS = 1024
 
 
 def supports(causal=True, window=None, sink_tokens=0, moba_topk=None, **_) -> bool:
@@ -81,6 +85,7 @@ class _Band:
         self.first = min(self.N, max(self.n_prev, -(-(self.s + window) // C)))
         self.slab = max(1, _SLAB_TOKENS // C)
         self.device, self.dtype = device, dtype
+        self._shared = None  # the mask of every chunk from `first` on, built once
 
     def slabs(self):
         """[lo, hi) chunk ranges: the first chunks (own masks) apart, then slabs of the rest."""
@@ -91,16 +96,22 @@ class _Band:
 
     def mask(self, lo: int, hi: int, B: int):
         """Additive float mask for chunks [lo, hi) of B rows: [B*n, 1, C, K] before `first`, else one [C, K]."""
+        if lo < self.first:
+            return self._mask(lo, hi)[None].expand(B, -1, -1, -1).flatten(0, 1)[:, None]
+        if self._shared is None:
+            self._shared = self._mask(self.first, self.first + 1)[0]
+        return self._shared
+
+    def _mask(self, lo: int, hi: int):
+        """[n, C, K] additive masks of chunks lo..hi-1."""
         C, dev = self.C, self.device
-        i = torch.arange(lo if lo < self.first else self.first, hi if lo < self.first else self.first + 1,
-                         device=dev)[:, None, None]
+        i = torch.arange(lo, hi, device=dev)[:, None, None]
         qpos = i * C + torch.arange(C, device=dev)[None, :, None]                      # [n, C, 1]
         slot = torch.arange(self.K, device=dev)[None, None, :]
         is_sink = slot < self.s
         kpos = torch.where(is_sink, slot, (i - self.n_prev) * C + slot - self.s)         # [n, 1, K]
         seen = _visible(qpos, kpos, self.window, self.s, is_sink)
-        m = torch.zeros(seen.shape, dtype=self.dtype, device=dev).masked_fill_(~seen, float("-inf"))
-        return m[None].expand(B, -1, -1, -1).flatten(0, 1)[:, None] if lo < self.first else m[0]
+        return torch.zeros(seen.shape, dtype=self.dtype, device=dev).masked_fill_(~seen, float("-inf"))
 
     def queries(self, t, lo: int, hi: int):
         """Rows of chunks [lo, hi) of t [B, H, S, D] as [B*n, H, C, D] (a copy)."""

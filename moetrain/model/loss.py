@@ -59,7 +59,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if needs[0]:
                     grad_h[s:s + chunk] = (g @ w32).to(h_Td.dtype)
                 if needs[1]:
-                    grad_w += g.t() @ h_c
+                    grad_w.addmm_(g.t(), h_c)  # no [V, d] temporary per chunk
         ctx.save_for_backward(grad_h, grad_w, n_valid)
         ctx.dtypes = (h_Td.dtype, w_Vd.dtype)
         return (total / n_valid).to(loss_dtype(h_Td.dtype, reduction))

@@ -32,8 +32,11 @@ class _RMSNormFunction(torch.autograd.Function):
             gw = (gy * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
         gx = None
         if ctx.needs_input_grad[0]:
+            # rstd * (gn - n * mean(gn * n)), in place on the two [tokens, d] temporaries
+            # (n, gn): two of them alive at a time, not five.
             gn = (gy * weight).float()  # d/d(normalised)
-            gx = (rstd * (gn - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
+            dot = (gn.unsqueeze(-2) @ n.unsqueeze(-1)).squeeze(-1) / n.shape[-1]  # mean(gn * n), no product kept
+            gx = gn.sub_(n.mul_(dot)).mul_(rstd).to(x.dtype)
         return gx, gw, None
 
 

@@ -104,7 +104,14 @@ def test_tables_show_ratios_and_targets():
     assert "3.00x/2.10x" in fast and fast.rstrip().endswith("mixed")
     assert "0.08x" in by_name["peak memory at 16k: ours sliding+mem / hf dense"]
     assert by_name["longest trainable in 8 GB, sliding+mem"].rstrip().endswith("NO")
-    assert "12.80x" in by_name["... / hf's longest"] and "0.75x" in by_name["tok/s there / sliding+mem at 32k"]
+    assert "12.80x" in by_name["... / hf's longest"]
+    assert "0.75x/0.75x" in by_name["tok/s there / sliding+mem at 32k (wall/cpu)"]
+    # a search whose only try timed out says so, rather than "not searched"
+    found["sliding+mem"] = {"longest": None, "first_fail": 1179648, "capped": False, "result": None,
+                            "tries": [(1179648, "timeout")]}
+    by_name = {line[:52].strip(): line for line in bvh.targets_table(a, res, found)[2:]}
+    assert "(no try passed: 1179648:timeout)" in by_name["longest trainable in 8 GB, sliding+mem"]
+    assert "(no sliding+mem length)" in by_name["tok/s there / sliding+mem at 32k (wall/cpu)"]
 
 
 def test_report_from_a_saved_json(tmp_path):
