@@ -71,8 +71,10 @@ def tiled(fn, tile: int, *tensors_T):
         return fn(*tensors_T)
     grad = torch.is_grad_enabled()
     outs = []
-    for s in range(0, T, tile):
-        part = [t[s:s + tile] for t in tensors_T]
+    # split, not t[s:s + tile]: the backward of each slice is a zero-filled tensor of the
+    # whole input, added up tile by tile (O(T^2 / tile) memory traffic: 16.9 s against 0.29 s
+    # for one [131072, 256] input, 1 thread); split's backward concatenates the tiles once.
+    for part in zip(*(t.split(tile) for t in tensors_T)):
         outs.append(checkpoint(fn, *part, use_reentrant=False) if grad else fn(*part))
     return torch.cat(outs)
 
