@@ -85,3 +85,28 @@ def test_legacy_flag_means_full_checkpointing():
     cfg = _cfg({})
     cfg.model.activation_checkpointing = True
     assert resolve_checkpoint_mode(cfg) == "full"
+
+
+def test_tiles_are_split_so_the_backward_does_not_grow_with_tiles_squared():
+    """Each tile's input must come from one split of the whole tensor, not from a slice per
+    tile: a slice's backward is a zero-filled tensor of the whole input, so T/tile of them
+    cost O(T^2 / tile) (at a million tokens, terabytes of memset per layer)."""
+    from moetrain.parallel.memory import tiled
+    x = torch.randn(50, 8, requires_grad=True)
+    w = torch.randn(50, 2, requires_grad=True)
+    y = tiled(lambda a, b: a * b.sum(-1, keepdim=True), 7, x, w)
+    names, todo, seen = [], [y.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    assert not [n for n in names if n.startswith("Slice")], names
+    assert sum(n.startswith("Split") for n in names) == 2, names  # one per tiled input
+    y.backward(torch.ones_like(y))
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    (x2 * w2.sum(-1, keepdim=True)).backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
