@@ -14,8 +14,8 @@ logits); ours `dense` / `sliding` / `moba` (that pattern in every layer) or `cfg
 config's own layer types), each optionally `+mem`: activation checkpointing of every
 block, tiled MoE/MLP (--tile-tokens), the LM head in blocks of --loss-chunk rows, and
 offload of saved tensors on CUDA / freed memory returned to the OS at once on CPU
-(memory.release_host_memory, with transparent huge pages for blocks of 2 MiB and more). Our CPU variants set glibc malloc as the Trainer does;
-transformers runs with glibc's defaults.
+(memory.release_host_memory, with transparent huge pages for blocks of 2 MiB and more).
+Our CPU variants set glibc malloc as the Trainer does; transformers runs with glibc's defaults.
 Per point: --warmup untimed steps, then --steps timed ones; tokens/s from the median
 step. Peak memory is the whole process: peak RSS (VmHWM) on CPU, max_memory_allocated
 on CUDA. A point that would not fit the budget (the variant already failed at a shorter
@@ -389,11 +389,13 @@ def targets_table(a, res: dict, found: dict) -> list[str]:
     lo = ours and ours["longest"]
 
     def none_passed(f, v):
-        return f"({v} not searched)" if not f else "(no try passed: " + " ".join(f"{S}:{st}" for S, st in f["tries"]) + ")"
+        tries = " ".join(f"{S}:{st}" for S, st in f["tries"]) if f else ""
+        return f"({v} not searched)" if not f else f"(no try passed: {tries})"
     row(f"longest trainable in {a.budget_gb:g} GB, {mem_v}", lo and (">=" if ours["capped"] else "") + str(lo),
         ">= 1M", lo is not None and lo >= 1 << 20, none_passed(ours, mem_v))
     r = _ratio(lo, peer and peer["longest"])
-    row("  ... / hf's longest", _x(r), ">= 32x", r and r >= 32, none_passed(peer, "hf") if lo else f"(no {mem_v} length)")
+    row("  ... / hf's longest", _x(r), ">= 32x", r and r >= 32,
+        none_passed(peer, "hf") if lo else f"(no {mem_v} length)")
     speed_row(f"  tok/s there / {mem_v} at 32k (wall/cpu)", ours and ours["result"], _get(res, mem_v, 32768), 0.7,
               "(no 32k point)" if lo else f"(no {mem_v} length)")
     head = f"{'target (issue 13; set for 20 GB on a 2-core CPU)':<52}{'measured':>16}  {'target':<10}met"
