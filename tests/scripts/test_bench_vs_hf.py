@@ -147,7 +147,10 @@ def test_variant_configs_and_bad_variant():
 
 
 @pytest.mark.parametrize("variant", ["hf", "sliding+mem"])
-def test_one_tiny_point_per_stack(variant):
+def test_one_tiny_point_per_stack(variant, monkeypatch):
+    # run_point applies the host settings as a run would; keep its os.environ change
+    # (THP_MEM_ALLOC_ENABLE for +mem) out of the later tests' subprocesses
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     a = _args()
     r = bvh.run_point({"args": vars(a), "variant": variant, "S": 128, "warmup": 0, "steps": 1,
                        "device": "cpu", "budget_gb": 20})
