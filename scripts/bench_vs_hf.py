@@ -168,11 +168,10 @@ def build_ours(cfg):
 def run_point(p: dict) -> dict:
     """One point: build, warm up, time; called in a fresh process (`--point`)."""
     from moetrain.benchmark import proc_status, timed
-    from moetrain.train.host_alloc import huge_pages_in_use
+    from moetrain.train.host_alloc import apply_host_memory, huge_pages_in_use
     a = argparse.Namespace(**p["args"])
     cfg = train_config(a, p["variant"], p["device"])
     if p["variant"] != "hf" and p["device"] == "cpu":  # as the Trainer does, before the first tensor:
-        from moetrain.train.host_alloc import apply_host_memory
         apply_host_memory(cfg)  # reuse freed buffers, or release them (+mem, with huge pages)
     device, S = torch.device(p["device"]), p["S"]
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -389,8 +388,9 @@ def targets_table(a, res: dict, found: dict) -> list[str]:
     lo = ours and ours["longest"]
 
     def none_passed(f, v):
-        tries = " ".join(f"{S}:{st}" for S, st in f["tries"]) if f else ""
-        return f"({v} not searched)" if not f else f"(no try passed: {tries})"
+        if not f:
+            return f"({v} not searched)"
+        return "(no try passed: " + " ".join(f"{S}:{st}" for S, st in f["tries"]) + ")"
     row(f"longest trainable in {a.budget_gb:g} GB, {mem_v}", lo and (">=" if ours["capped"] else "") + str(lo),
         ">= 1M", lo is not None and lo >= 1 << 20, none_passed(ours, mem_v))
     r = _ratio(lo, peer and peer["longest"])

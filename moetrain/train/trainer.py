@@ -68,7 +68,7 @@ def seed_everything(seed: int) -> None:
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str, callbacks: list[Callback] = (), resume: str = "auto",
                  overwrite: bool = False, local_rank: Optional[int] = None):
-        if not torch.cuda.is_available():  # a CPU run (device_for): first, before any tensor exists
+        if device_for(local_rank or 0).type == "cpu":  # first, before any tensor exists
             from moetrain.train.host_alloc import apply_host_memory
             apply_host_memory(cfg)  # reuse freed buffers (~10% faster steps) or release them (less RSS)
         self.rank, self.world, local = init_distributed(local_rank)

@@ -38,12 +38,17 @@ PROBE = textwrap.dedent("""
 """)
 
 
+def _without_huge_pages() -> dict:
+    """os.environ less the huge-page request an earlier in-process run (release_host_memory)
+    may have left there."""
+    from moetrain.train.host_alloc import HUGE_PAGES_ENV
+    return {k: v for k, v in os.environ.items() if k != HUGE_PAGES_ENV}
+
+
 def _faults(mode: str, env=None):
-    # 4 KiB pages: without the huge-page request an earlier in-process run (release_host_memory)
-    # leaves in os.environ, which would cut each 8 MiB buffer's faults from 2048 to a handful
-    base = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    # 4 KiB pages: huge pages would cut each 8 MiB buffer's faults from 2048 to a handful
     out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, check=True, capture_output=True, text=True,
-                         env={**base, **(env or {})}).stdout.split()
+                         env={**_without_huge_pages(), **(env or {})}).stdout.split()
     return out[0] == "True", int(out[1]), int(out[2])
 
 
@@ -81,7 +86,7 @@ def test_trainer_setting_follows_config(monkeypatch):
     from moetrain.train import host_alloc
     calls = []
     monkeypatch.setattr(host_alloc, "_set", lambda m, t: calls.append((m, t)) or True)
-    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k != host_alloc.HUGE_PAGES_ENV})
+    monkeypatch.setattr(os, "environ", _without_huge_pages())
     host_alloc.apply_host_memory(config_from_dict({}, []))
     assert host_alloc.HUGE_PAGES_ENV not in os.environ
     host_alloc.apply_host_memory(config_from_dict({}, ["memory.release_host_memory=true"]))
@@ -105,7 +110,7 @@ HUGE = textwrap.dedent("""
 def test_release_asks_for_huge_pages_before_the_first_tensor(release, env, expect):
     """With release_host_memory, large blocks carry MADV_HUGEPAGE (2 MiB faults instead of
     4 KiB ones); without it nothing changes, and a THP_MEM_ALLOC_ENABLE the user set wins."""
-    e = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    e = _without_huge_pages()
     if env is not None:
         e["THP_MEM_ALLOC_ENABLE"] = env
     out = subprocess.run([sys.executable, "-c", HUGE, release], cwd=ROOT, check=True, capture_output=True,
